@@ -1,0 +1,19 @@
+"""DoDNet network components, usable by ``_target_`` in bundle configs (``scripts.networks.DoDNet``)."""
+
+from .backbone import DoDNetBackbone
+from .blocks import PreActResBlock
+from .controller import CONDITIONING_MODES, TaskController
+from .dodnet import DoDNet
+from .dynamic_head import DynamicHead
+from .ws_conv import WSConv3d, standardize_weight
+
+__all__ = [
+    "CONDITIONING_MODES",
+    "DoDNet",
+    "DoDNetBackbone",
+    "DynamicHead",
+    "PreActResBlock",
+    "TaskController",
+    "WSConv3d",
+    "standardize_weight",
+]

@@ -1,0 +1,107 @@
+"""DoDNet's shared residual encoder-decoder with its global-average-pooling (GAP) branch."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import PreActResBlock, group_norm
+from .ws_conv import make_conv3d
+
+__all__ = ["DoDNetBackbone"]
+
+_WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
+
+
+class DoDNetBackbone(nn.Module):
+    """Residual 3-D encoder-decoder shared by all tasks.
+
+    Encoder: a 3x3x3 stem, then five stages of pre-activation residual blocks of widths
+    ``base * (1, 2, 4, 8, 8)`` (32-64-128-256-256 by default); stages 1-4 start with a stride-2
+    block, so the input must be divisible by 16 on every spatial axis. Decoder: four steps of
+    trilinear x2 upsampling, summing the skip of the matching encoder stage, then one residual
+    block; a GN-ReLU-conv1x1 (with bias) makes the pre-segmentation map. The GAP branch pools the
+    bottleneck features to one vector per image, which conditions the dynamic head.
+
+    Module names follow the authors' checkpoint layout (``conv1``, ``layer0``...``layer4``,
+    ``fusionConv``, ``x8_resb``...``x1_resb``, ``precls_conv``, ``GAP``).
+
+    Args:
+        in_channels: image channels (1 for CT).
+        base_channels: width of the first stage (32 in the paper).
+        blocks: residual blocks per encoder stage (``[1, 2, 2, 2, 2]`` in the paper).
+        preseg_channels: channels of the pre-segmentation map (8 in the paper).
+        norm_groups: GroupNorm groups (16 in the paper; capped at the width).
+        weight_std: weight-standardized convolutions (True in the paper).
+
+    Forward: image (B, in_channels, H, W, D) -> (pre-segmentation map (B, preseg_channels, H, W, D),
+    pooled features (B, 8 * base_channels)).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 32,
+        blocks: Sequence[int] = (1, 2, 2, 2, 2),
+        preseg_channels: int = 8,
+        norm_groups: int = 16,
+        weight_std: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(blocks) != 5 or min(blocks) < 1:
+            raise ValueError(f"blocks must list 5 stage depths >= 1, got {list(blocks)}")
+        widths = [base_channels * m for m in _WIDTH_MULTIPLIERS]
+        self.feature_channels = widths[4]
+        self.preseg_channels = preseg_channels
+
+        def stage(c_in: int, c_out: int, depth: int, stride: int) -> nn.Sequential:
+            layers = [PreActResBlock(c_in, c_out, stride, norm_groups, weight_std)]
+            layers += [PreActResBlock(c_out, c_out, 1, norm_groups, weight_std) for _ in range(depth - 1)]
+            return nn.Sequential(*layers)
+
+        self.conv1 = make_conv3d(in_channels, widths[0], 3, 1, weight_std)
+        self.layer0 = stage(widths[0], widths[0], blocks[0], 1)
+        self.layer1 = stage(widths[0], widths[1], blocks[1], 2)
+        self.layer2 = stage(widths[1], widths[2], blocks[2], 2)
+        self.layer3 = stage(widths[2], widths[3], blocks[3], 2)
+        self.layer4 = stage(widths[3], widths[4], blocks[4], 2)
+        self.fusionConv = nn.Sequential(
+            group_norm(widths[4], norm_groups),
+            nn.ReLU(inplace=True),
+            make_conv3d(widths[4], widths[4], 1, 1, weight_std),
+        )
+        self.x8_resb = stage(widths[3], widths[2], 1, 1)
+        self.x4_resb = stage(widths[2], widths[1], 1, 1)
+        self.x2_resb = stage(widths[1], widths[0], 1, 1)
+        self.x1_resb = stage(widths[0], widths[0], 1, 1)
+        self.precls_conv = nn.Sequential(
+            group_norm(widths[0], norm_groups),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(widths[0], preseg_channels, kernel_size=1),
+        )
+        self.GAP = nn.Sequential(group_norm(widths[4], norm_groups), nn.ReLU(inplace=True), nn.AdaptiveAvgPool3d(1))
+
+    @staticmethod
+    def _up_add(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False) + skip
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        skips: List[torch.Tensor] = []
+        x = self.layer0(self.conv1(x))
+        skips.append(x)
+        x = self.layer1(x)
+        skips.append(x)
+        x = self.layer2(x)
+        skips.append(x)
+        x = self.layer3(x)
+        skips.append(x)
+        x = self.fusionConv(self.layer4(x))
+        pooled = self.GAP(x).flatten(1)
+        x = self.x8_resb(self._up_add(x, skips[3]))
+        x = self.x4_resb(self._up_add(x, skips[2]))
+        x = self.x2_resb(self._up_add(x, skips[1]))
+        x = self.x1_resb(self._up_add(x, skips[0]))
+        return self.precls_conv(x), pooled

@@ -1,0 +1,71 @@
+"""The dynamic segmentation head: 1x1x1 convolutions whose weights come from the controller."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["DynamicHead"]
+
+
+class DynamicHead(nn.Module):
+    """Applies a small stack of generated 1x1x1 convolutions, one stack per sample and task.
+
+    Layer widths are ``in_channels -> width -> ... -> width -> out_channels`` with ``depth`` layers
+    (8-8-8-2 in the paper: depth 3, width 8), ReLU between layers and none after the last. The
+    parameter vector of one head is laid out as the authors' controller emits it: all kernels
+    first (layer by layer, output-major: ``w[o, i] = params[o * c_in + i]``), then all biases.
+
+    The head has no learnable parameters of its own; all K heads of a sample share one read of the
+    pre-segmentation map and run as batched matrix products.
+
+    Args:
+        in_channels: channels of the pre-segmentation map (8).
+        width: hidden channels (4-16; 8 in the paper).
+        depth: number of layers (2-4; 3 in the paper).
+        out_channels: outputs per task (2: organ, tumor).
+
+    Forward: features (B, in_channels, H, W, D), params (B, K, num_params) -> logits (B, K * out_channels,
+    H, W, D), channels ``[2k, 2k + 1]`` belonging to the k-th requested task.
+    """
+
+    def __init__(self, in_channels: int = 8, width: int = 8, depth: int = 3, out_channels: int = 2) -> None:
+        super().__init__()
+        if not 2 <= depth <= 4:
+            raise ValueError(f"dynamic head depth must be in [2, 4], got {depth}")
+        if not 4 <= width <= 16:
+            raise ValueError(f"dynamic head width must be in [4, 16], got {width}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        dims = [in_channels] + [width] * (depth - 1) + [out_channels]
+        self.layer_shapes: List[Tuple[int, int]] = [(dims[i + 1], dims[i]) for i in range(depth)]
+        self.num_params = sum(o * i + o for o, i in self.layer_shapes)
+
+    def split_params(self, params: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Split (B, K, num_params) into per-layer kernels (B, K, C_out, C_in) and biases (B, K, C_out)."""
+        batch, tasks = params.shape[0], params.shape[1]
+        weights: List[torch.Tensor] = []
+        biases: List[torch.Tensor] = []
+        start = 0
+        for c_out, c_in in self.layer_shapes:
+            weights.append(params[:, :, start : start + c_out * c_in].reshape(batch, tasks, c_out, c_in))
+            start += c_out * c_in
+        for c_out, _ in self.layer_shapes:
+            biases.append(params[:, :, start : start + c_out])
+            start += c_out
+        return weights, biases
+
+    def forward(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        batch, channels = features.shape[0], features.shape[1]
+        spatial = features.shape[2:]
+        tasks = params.shape[1]
+        weights, biases = self.split_params(params.to(features.dtype))
+        x = features.reshape(batch, 1, channels, -1)  # (B, 1, C, N): every task reads the same map
+        last = len(weights) - 1
+        for i in range(len(weights)):
+            x = torch.matmul(weights[i], x) + biases[i].unsqueeze(-1)  # (B, K, C_out, N)
+            if i < last:
+                x = torch.relu(x)
+        return x.reshape([batch, tasks * self.out_channels] + list(spatial))
