@@ -13,6 +13,7 @@ from .dynamic_head import DynamicHead
 
 __all__ = ["DoDNet"]
 
+
 class DoDNet(nn.Module):
     """Dynamic on-demand network (Zhang et al., CVPR 2021) in MONAI's (B, C, H, W, D) layout.
 
@@ -69,17 +70,24 @@ class DoDNet(nn.Module):
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is (B, in_channels, H, W, D) with sizes divisible by 16."""
         if image.dim() != 5:
-            raise ValueError(f"image must be 5-D (B, C, H, W, D), got a {image.dim()}-D tensor of shape {image.shape}")
+            raise ValueError(
+                f"image must be 5-D (B, C, H, W, D), got a {image.dim()}-D tensor of shape {list(image.shape)}"
+            )
         if image.shape[1] != self.in_channels:
-            raise ValueError(f"image must have {self.in_channels} channel(s) (B, C, H, W, D), got shape {image.shape}")
+            raise ValueError(
+                f"image must have {self.in_channels} channel(s) (B, C, H, W, D), got shape {list(image.shape)}"
+            )
         axes = ["H", "W", "D"]
         for axis in range(3):
             size = image.shape[2 + axis]
             if size % self.size_divisor != 0:
-                nearest = max(self.size_divisor, int(round(size / self.size_divisor)) * self.size_divisor)
+                lower = max(self.size_divisor, size // self.size_divisor * self.size_divisor)
+                upper = (size // self.size_divisor + 1) * self.size_divisor
+                nearest = lower if size - lower < upper - size else upper
                 raise ValueError(
-                    f"spatial size {image.shape[2:]} is not divisible by {self.size_divisor} along axis "
-                    f"{axes[axis]} (dim {2 + axis}, size {size}); the nearest valid size is {nearest}"
+                    f"spatial size {list(image.shape[2:])} is not divisible by {self.size_divisor} along axis "
+                    f"{axes[axis]} (dim {2 + axis}, size {size}); the nearest valid size is {nearest} "
+                    f"(pad or crop to {lower} or {upper})"
                 )
 
     def task_ids(self, task_id: Optional[torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
@@ -93,7 +101,7 @@ class DoDNet(nn.Module):
         if task_id.dim() == 1:
             task_id = task_id.unsqueeze(1)
         if task_id.dim() != 2:
-            raise ValueError(f"task_id must have shape (B,) or (B, K), got {task_id.shape}")
+            raise ValueError(f"task_id must have shape (B,) or (B, K), got {list(task_id.shape)}")
         if task_id.shape[1] == 0:
             raise ValueError("task_id requests no task (K = 0)")
         if task_id.shape[0] != batch:

@@ -18,20 +18,24 @@ class DynamicHead(nn.Module):
     parameter vector of one head is laid out as the authors' controller emits it: all kernels
     first (layer by layer, output-major: ``w[o, i] = params[o * c_in + i]``), then all biases.
 
-    The head has no learnable parameters of its own; all K heads of a sample share one read of the
-    pre-segmentation map and run as batched matrix products.
+    The head has no learnable parameters of its own. The first layers of all K heads of a sample
+    form one matrix, so the pre-segmentation map is read once for every task; the rest run as
+    batched matrix products over chunks of ``chunk_voxels`` voxels, which stay cache-resident.
 
     Args:
         in_channels: channels of the pre-segmentation map (8).
         width: hidden channels (4-16; 8 in the paper).
         depth: number of layers (2-4; 3 in the paper).
         out_channels: outputs per task (2: organ, tumor).
+        chunk_voxels: voxels processed per step (memory/cache trade-off only; results do not depend on it).
 
     Forward: features (B, in_channels, H, W, D), params (B, K, num_params) -> logits (B, K * out_channels,
     H, W, D), channels ``[2k, 2k + 1]`` belonging to the k-th requested task.
     """
 
-    def __init__(self, in_channels: int = 8, width: int = 8, depth: int = 3, out_channels: int = 2) -> None:
+    def __init__(
+        self, in_channels: int = 8, width: int = 8, depth: int = 3, out_channels: int = 2, chunk_voxels: int = 32768
+    ) -> None:
         super().__init__()
         if not 2 <= depth <= 4:
             raise ValueError(f"dynamic head depth must be in [2, 4], got {depth}")
@@ -42,6 +46,7 @@ class DynamicHead(nn.Module):
         dims = [in_channels] + [width] * (depth - 1) + [out_channels]
         self.layer_shapes: List[Tuple[int, int]] = [(dims[i + 1], dims[i]) for i in range(depth)]
         self.num_params = sum(o * i + o for o, i in self.layer_shapes)
+        self.chunk_voxels = chunk_voxels
 
     def split_params(self, params: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Split (B, K, num_params) into per-layer kernels (B, K, C_out, C_in) and biases (B, K, C_out)."""
@@ -62,10 +67,19 @@ class DynamicHead(nn.Module):
         spatial = features.shape[2:]
         tasks = params.shape[1]
         weights, biases = self.split_params(params.to(features.dtype))
-        x = features.reshape(batch, 1, channels, -1)  # (B, 1, C, N): every task reads the same map
-        last = len(weights) - 1
-        for i in range(len(weights)):
-            x = torch.matmul(weights[i], x) + biases[i].unsqueeze(-1)  # (B, K, C_out, N)
-            if i < last:
-                x = torch.relu(x)
-        return x.reshape([batch, tasks * self.out_channels] + list(spatial))
+        x = features.reshape(batch, channels, -1)  # (B, C, N)
+        num_voxels = x.shape[2]
+        out = torch.empty(0)
+        for b in range(batch):
+            # layer 1 of all K heads is one (K * width, C) matrix: the map is read once for every task
+            w_first = weights[0][b].reshape(-1, channels)
+            b_first = biases[0][b].reshape(-1, 1)
+            for start in range(0, num_voxels, self.chunk_voxels):
+                y = torch.addmm(b_first, w_first, x[b, :, start : start + self.chunk_voxels])
+                y = y.reshape(tasks, self.layer_shapes[0][0], -1)  # (K, width, n)
+                for i in range(1, len(weights)):
+                    y = torch.baddbmm(biases[i][b].unsqueeze(-1), weights[i][b], y.relu_())
+                if out.numel() == 0:
+                    out = torch.empty((batch, tasks * self.out_channels, num_voxels), dtype=y.dtype, device=y.device)
+                out[b, :, start : start + self.chunk_voxels] = y.reshape(tasks * self.out_channels, -1)
+        return out.reshape([batch, tasks * self.out_channels] + list(spatial))

@@ -1,0 +1,217 @@
+"""DoDNet network components: published size, task handling, one backbone pass, scripting, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.networks import DoDNet, DynamicHead, TaskController, WSConv3d, standardize_weight
+
+TINY = dict(base_channels=4, blocks=(1, 1, 1, 1, 1))
+SHAPE = (32, 32, 16)
+
+
+def tiny_net(**kwargs) -> DoDNet:
+    torch.manual_seed(0)
+    return DoDNet(**{**TINY, **kwargs}).eval()
+
+
+def count_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_published_parameter_count():
+    net = DoDNet()
+    assert count_params(net) == 17_329_528
+    assert len(list(net.parameters())) == 111
+    assert count_params(net.controller) == 42_768
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shapes(batch):
+    net = tiny_net()
+    x = torch.randn(batch, 1, *SHAPE)
+    with torch.no_grad():
+        assert net(x).shape == (batch, 14, *SHAPE)
+        assert net(x, torch.arange(batch) % 7).shape == (batch, 2, *SHAPE)
+        assert net(x, torch.tensor([[0, 4, 6]] * batch)).shape == (batch, 6, *SHAPE)
+        assert net(x, torch.tensor([5])).shape == (batch, 2, *SHAPE)
+        assert net(x, torch.tensor([[1, 2]])).shape == (batch, 4, *SHAPE)
+        assert net(x, torch.tensor(3)).shape == (batch, 2, *SHAPE)
+
+
+def test_multi_task_output_equals_single_task_calls():
+    net = tiny_net()
+    x = torch.randn(3, 1, *SHAPE)
+    with torch.no_grad():
+        all_tasks = net(x)
+        subset = net(x, torch.tensor([[6, 2, 0]]))
+        for k in range(7):
+            single = net(x, torch.tensor([k]))
+            torch.testing.assert_close(all_tasks[:, 2 * k : 2 * k + 2], single, atol=1e-5, rtol=0)
+        for j, k in enumerate([6, 2, 0]):
+            torch.testing.assert_close(subset[:, 2 * j : 2 * j + 2], all_tasks[:, 2 * k : 2 * k + 2], atol=1e-5, rtol=0)
+        # mixed tasks within a batch: each sample gets its own task
+        mixed = net(x, torch.tensor([4, 0, 6]))
+        for b, k in enumerate([4, 0, 6]):
+            torch.testing.assert_close(mixed[b], all_tasks[b, 2 * k : 2 * k + 2], atol=1e-5, rtol=0)
+
+
+def test_backbone_runs_once_per_call():
+    net = tiny_net()
+    calls = []
+    net.backbone.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 1, *SHAPE)
+    with torch.no_grad():
+        net(x)
+        assert len(calls) == 1
+        net(x, torch.tensor([[0, 1, 2, 3, 4, 5, 6]]))
+        assert len(calls) == 2
+
+
+def test_weight_standardization_matches_direct_formula():
+    torch.manual_seed(1)
+    conv = WSConv3d(3, 5, 3, padding=1, bias=False)
+    w = conv.weight.detach().double()
+    expected = torch.empty_like(w)
+    for o in range(w.shape[0]):
+        values = w[o].flatten().tolist()
+        n = len(values)
+        mean = sum(values) / n
+        var = sum((v - mean) ** 2 for v in values) / (n - 1)
+        expected[o] = (w[o] - mean) / (var + 1e-12) ** 0.5
+    torch.testing.assert_close(standardize_weight(w), expected)
+    x = torch.randn(1, 3, 8, 8, 8)
+    torch.testing.assert_close(conv(x), F.conv3d(x, expected.float(), padding=1), atol=1e-5, rtol=1e-5)
+    # standardized kernels have zero mean and unit (unbiased) variance per output channel
+    flat = standardize_weight(conv.weight).flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat.var(1), torch.ones(5), atol=1e-5, rtol=0)
+
+
+def test_dynamic_head_matches_grouped_convolution_layout():
+    """The authors apply the generated kernels as 1x1x1 grouped convs with params[o * c_in + i]."""
+    torch.manual_seed(2)
+    head = DynamicHead(8, 8, 3, 2)
+    assert head.num_params == 162
+    feats = torch.randn(2, 8, 4, 4, 4)
+    params = torch.randn(2, 1, 162)
+    out = head(feats, params)
+    for b in range(2):
+        p = params[b, 0]
+        w1, w2, w3 = p[0:64].reshape(8, 8), p[64:128].reshape(8, 8), p[128:144].reshape(2, 8)
+        b1, b2, b3 = p[144:152], p[152:160], p[160:162]
+        x = F.relu(F.conv3d(feats[b : b + 1], w1[..., None, None, None], b1))
+        x = F.relu(F.conv3d(x, w2[..., None, None, None], b2))
+        x = F.conv3d(x, w3[..., None, None, None], b3)
+        torch.testing.assert_close(out[b : b + 1], x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "depth,width,expected", [(2, 8, 8 * 8 + 2 * 8 + 8 + 2), (3, 4, 32 + 16 + 8 + 4 + 4 + 2), (4, 16, 0)]
+)
+def test_head_depth_and_width_are_configurable(depth, width, expected):
+    net = tiny_net(head_depth=depth, head_width=width)
+    if expected:
+        assert net.head.num_params == expected
+    assert net.controller.fc.out_features == net.head.num_params
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, *SHAPE), torch.tensor([[1, 5]])).shape == (1, 4, *SHAPE)
+
+
+def test_conditioning_modes():
+    x = torch.randn(2, 1, *SHAPE)
+    cond_no = tiny_net(conditioning="image")
+    with torch.no_grad():
+        out = cond_no(x)
+    for k in range(1, 7):  # Cond-NO: no task prior, every task gets the same head
+        torch.testing.assert_close(out[:, 2 * k : 2 * k + 2], out[:, 0:2])
+    task_only = tiny_net(conditioning="task")
+    feats = torch.randn(2, task_only.backbone.feature_channels)
+    params = task_only.controller(feats, torch.tensor([[3], [3]]))
+    torch.testing.assert_close(params[0], params[1])  # independent of the image
+    assert task_only.controller.fc.in_features == 7
+    assert tiny_net().controller.fc.in_features == 4 * 8 + 7
+    with pytest.raises(ValueError, match="conditioning mode"):
+        TaskController(7, 16, 162, mode="both")
+
+
+def test_weight_standardization_can_be_switched_off():
+    assert any(isinstance(m, WSConv3d) for m in tiny_net().modules())
+    plain = tiny_net(weight_std=False)
+    assert not any(isinstance(m, WSConv3d) for m in plain.modules())
+    assert count_params(plain) == count_params(tiny_net())
+
+
+def test_scripted_model_equals_eager_for_every_task():
+    net = tiny_net()
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, 1, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+        for k in range(7):
+            task = torch.tensor([k, (k + 3) % 7])
+            torch.testing.assert_close(scripted(x, task), net(x, task))
+
+
+@pytest.mark.parametrize(
+    "image_shape,task_id,message",
+    [
+        ((1, 1, 32, 32, 16), torch.tensor([7]), "task id 7 is out of range"),
+        ((1, 1, 32, 32, 16), torch.tensor([-1]), "task id -1 is out of range"),
+        ((1, 1, 32, 32, 16), torch.tensor([1.0]), "must be an integer tensor"),
+        ((1, 1, 32, 32, 16), torch.tensor([True]), "must be an integer tensor"),
+        ((1, 32, 32, 16), None, "image must be 5-D"),
+        ((1, 2, 32, 32, 16), None, "1 channel"),
+        ((1, 1, 30, 32, 16), None, "along axis H .*nearest valid size is 32"),
+        ((1, 1, 32, 32, 20), None, "along axis D .*nearest valid size is 16"),
+        ((1, 1, 32, 44, 16), None, "along axis W .*nearest valid size is 48 .pad or crop to 32 or 48"),
+        ((2, 1, 32, 32, 16), torch.tensor([1, 2, 3]), "task_id has 3 rows but the image batch has 2"),
+        ((2, 1, 32, 32, 16), torch.zeros(2, 1, 1, dtype=torch.long), r"shape \(B,\) or \(B, K\)"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(image_shape, task_id, message):
+    net = tiny_net()
+    with pytest.raises(ValueError, match=message):
+        net(torch.randn(*image_shape), task_id)
+
+
+def test_invalid_constructor_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        DoDNet(head_depth=5)
+    with pytest.raises(ValueError, match="width"):
+        DoDNet(head_width=3)
+    with pytest.raises(ValueError, match="blocks"):
+        DoDNet(blocks=(1, 2, 2))
+
+
+def test_verify_net_in_out_passes(bundle_root):
+    env = {**os.environ, "PYTHONPATH": str(bundle_root)}
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+        "--network_def#base_channels", "8",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified with no error" in result.stdout + result.stderr
+
+
+def test_gradients_reach_backbone_and_controller():
+    net = tiny_net().train()
+    net(torch.randn(2, 1, *SHAPE), torch.tensor([1, 4])).square().mean().backward()
+    assert net.controller.fc.weight.grad.abs().sum() > 0
+    assert net.backbone.conv1.weight.grad.abs().sum() > 0
+    assert net.backbone.GAP[0].weight.grad.abs().sum() > 0  # the GAP branch conditions the head
+
+
+def test_head_chunking_does_not_change_results():
+    torch.manual_seed(3)
+    feats, params = torch.randn(2, 8, 8, 8, 6), torch.randn(2, 3, 162)
+    whole = DynamicHead(chunk_voxels=1 << 20)(feats, params)
+    torch.testing.assert_close(DynamicHead(chunk_voxels=50)(feats, params), whole)
