@@ -87,9 +87,13 @@ def merged_mapping() -> LabelMapping:
     where the task's organ rule covers the tumor's source values (liver, kidney, pancreas)."""
     mapping: LabelMapping = {}
     for spec in TASKS:
-        tumor_values = [v for v in spec.source_values if spec.tumor_rule is not None and rule_matches(spec.tumor_rule, v)]
+        tumor_values = [
+            v for v in spec.source_values if spec.tumor_rule is not None and rule_matches(spec.tumor_rule, v)
+        ]
         organ_covers_tumor = (
-            spec.organ_rule is not None and bool(tumor_values) and all(rule_matches(spec.organ_rule, v) for v in tumor_values)
+            spec.organ_rule is not None
+            and bool(tumor_values)
+            and all(rule_matches(spec.organ_rule, v) for v in tumor_values)
         )
         for name, channel, merged_id, _ in spec.structures():
             if channel == 0 and organ_covers_tumor and spec.tumor_id is not None:
@@ -123,7 +127,9 @@ def preset_names() -> List[str]:
 def _normalize_structure(name: str) -> str:
     key = " ".join(str(name).strip().lower().replace("_", " ").split())
     if key not in TABLE6_STRUCTURES:
-        raise ValueError(f"unknown structure {name!r} in label mapping; known structures: {', '.join(TABLE6_STRUCTURES)}")
+        raise ValueError(
+            f"unknown structure {name!r} in label mapping; known structures: {', '.join(TABLE6_STRUCTURES)}"
+        )
     return key
 
 
@@ -139,7 +145,9 @@ def _validate_mapping(raw: Mapping[str, Any], origin: str) -> LabelMapping:
         ints = []
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"label mapping {origin}: {name!r} has label value {v!r}; values must be integers >= 1")
+                raise ValueError(
+                    f"label mapping {origin}: {name!r} has label value {v!r}; values must be integers >= 1"
+                )
             ints.append(int(v))
         if key in mapping:
             raise ValueError(f"label mapping {origin} names structure {key!r} twice")
@@ -269,7 +277,8 @@ def check_geometry(
     """Raise ``ValueError`` naming both files unless shapes are equal and affines agree within ``affine_tolerance``."""
     if tuple(pred_shape) != tuple(ref_shape):
         raise ValueError(
-            f"{prediction.name}: shape {tuple(pred_shape)} differs from reference {reference.name} shape {tuple(ref_shape)}"
+            f"{prediction.name}: shape {tuple(pred_shape)} differs from reference {reference.name} "
+            f"shape {tuple(ref_shape)}"
         )
     diff = float(np.max(np.abs(np.asarray(pred_affine) - np.asarray(ref_affine))))
     if diff > affine_tolerance:
@@ -297,7 +306,9 @@ def evaluate_case(
     """
     ref_labels, ref_affine = load_label_map(reference)
     pred_labels, pred_affine = load_label_map(prediction)
-    check_geometry(prediction, reference, pred_labels.shape, ref_labels.shape, pred_affine, ref_affine, affine_tolerance)
+    check_geometry(
+        prediction, reference, pred_labels.shape, ref_labels.shape, pred_affine, ref_affine, affine_tolerance
+    )
     spacing = spacing_from_affine(ref_affine)
     rows = []
     for structure, ref_values in reference_mapping.items():
@@ -351,7 +362,9 @@ def evaluate_folders(
     if not float(nsd_tolerance_mm) >= 0 or not np.isfinite(float(nsd_tolerance_mm)):
         raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, got {nsd_tolerance_mm!r}")
 
-    pairs, unpaired_preds, unpaired_refs = pair_cases(prediction_dir, reference_dir, prediction_suffix, reference_suffix)
+    pairs, unpaired_preds, unpaired_refs = pair_cases(
+        prediction_dir, reference_dir, prediction_suffix, reference_suffix
+    )
     if (unpaired_preds or unpaired_refs) and not allow_unpaired:
         lines = [f"  prediction without reference: {p.name}" for p in unpaired_preds]
         lines += [f"  reference without prediction: {p.name}" for p in unpaired_refs]
