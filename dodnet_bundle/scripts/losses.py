@@ -1,0 +1,85 @@
+"""DoDNet's loss for partially labeled data: sigmoid Dice + BCE on the labeled channels only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["PartialLabelDiceBCELoss"]
+
+
+class PartialLabelDiceBCELoss(_Loss):
+    """Per-channel sigmoid Dice + BCE-with-logits that skips unlabeled (sample, channel) pairs.
+
+    For every channel ``c`` (0 organ, 1 tumor) the samples whose target channel is labeled (no
+    negative value) contribute ``dice_weight * Dice + bce_weight * BCE`` where, per sample,
+    ``Dice = 1 - 2 * sum(p * g) / (sum(p) + sum(g) + 1)`` with ``p = sigmoid(logit)`` (MONAI's
+    ``DiceLoss`` with ``smooth_nr=0, smooth_dr=1``) and BCE is averaged over the voxels; the channel
+    loss is the mean over its labeled samples. Channels without any labeled sample in the batch are
+    dropped and the result is the mean over the remaining channels. Unlabeled entries are never read,
+    so their logits get exactly zero gradient. The loss is computed in float32 (also under AMP).
+
+    Args:
+        dice_weight: weight of the Dice term (1).
+        bce_weight: weight of the BCE term (1).
+        unlabeled_below: a target channel is unlabeled when its values are below this (the ``-1`` fill).
+
+    Forward:
+        input: logits (B, C, H, W, D) (C = 2 for DoDNet called with one task per sample).
+        target: (B, C, H, W, D) with 0/1 in labeled channels and -1 filling unlabeled ones.
+
+    Returns:
+        a scalar tensor.
+
+    Raises:
+        ValueError: shape mismatch; a channel mixing labeled and unlabeled voxels (a crop/pad or
+            augmentation corrupted the -1 marker); a batch with no labeled channel at all.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, unlabeled_below: float = 0.0) -> None:
+        super().__init__()
+        self.dice_weight = float(dice_weight)
+        self.bce_weight = float(bce_weight)
+        self.unlabeled_below = float(unlabeled_below)
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1.0, reduction="none")
+
+    def labeled_mask(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, C) bool: which (sample, channel) pairs are labeled; raises on partly marked channels."""
+        flat = target.reshape(target.shape[0], target.shape[1], -1)
+        unlabeled_voxels = flat < self.unlabeled_below
+        unlabeled = unlabeled_voxels.all(dim=2)
+        mixed = unlabeled_voxels.any(dim=2) & ~unlabeled
+        if bool(mixed.any()):
+            pairs = [tuple(int(i) for i in p) for p in mixed.nonzero().tolist()]
+            raise ValueError(
+                f"target (sample, channel) pairs {pairs} mix unlabeled (-1) and labeled voxels: a crop, pad or "
+                "augmentation changed the unlabeled marker; map labels with MapTaskLabelsd after spatial transforms"
+            )
+        return ~unlabeled
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.shape != target.shape:
+            raise ValueError(f"logits {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape")
+        if input.dim() < 3:
+            raise ValueError(f"expected (B, C, spatial...) tensors, got shape {tuple(input.shape)}")
+        labeled = self.labeled_mask(target)
+        if not bool(labeled.any()):
+            raise ValueError(
+                "no labeled channel in this batch: every target channel is unlabeled (-1); each item needs a task "
+                "that labels at least one of organ/tumor"
+            )
+        logits = input.float()
+        target = target.float()
+        losses = []
+        for c in range(input.shape[1]):
+            rows = labeled[:, c].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            x = logits[rows, c : c + 1]
+            y = target[rows, c : c + 1]
+            dice = self.dice(x, y).mean()
+            bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
+            losses.append(self.dice_weight * dice + self.bce_weight * bce)
+        return torch.stack(losses).mean()
