@@ -14,7 +14,7 @@ setup() {
   want="$(cat setup.cfg pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -c constraints.txt -e ".[test]"
+    "$PY" -m pip install --quiet -c constraints.txt -e ".[test,bench]"
     echo "$want" > "$stamp"
   fi
 }

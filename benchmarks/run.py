@@ -1,0 +1,259 @@
+"""One benchmark command for DoDNet's speed and memory, side by side with what users would run instead.
+
+    python benchmarks/run.py                         # CPU, [192, 192, 64] patch (several minutes on 2 cores)
+    python benchmarks/run.py --device cuda           # GPU (see benchmarks/gpu.sh)
+    python benchmarks/run.py --patch 96,96,32 --skip volume,train   # a quick look
+
+Sections (``--skip`` takes a comma-separated list of their names):
+- ``patch``: forward on one patch: DoDNet with 1 task, all 7 tasks in one pass, 7 backbone passes
+  ("Multi-Nets"), a shared encoder with 7 decoders ("Multi-Head"), and MONAI's DynUNet (nnU-Net
+  3d_fullres), the wholeBody bundle's SegResNet and SwinUNETR (feature size 48); ratios to 1 task.
+- ``efficiency``: achieved GFLOP/s of the DoDNet forward (``torch.utils.flop_counter``) for the plain
+  eager path and the fast paths, against a same-run large fp32 matmul; bf16 speed-up.
+- ``volume``: whole-volume end-to-end inference on a synthetic 512 x 512 x 300 CT at 0.7 x 0.7 x 1.0 mm
+  through the bundle's inference config (in a child process): seconds and peak RSS (and GPU memory).
+- ``train``: training iterations per second at batch 2 (full patch on GPU, ``--train-patch`` on CPU).
+
+Random weights throughout: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+BENCH_DIR = Path(__file__).resolve().parent
+BUNDLE_ROOT = BENCH_DIR.parent / "dodnet_bundle"
+sys.path.insert(0, str(BUNDLE_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
+
+from competitors import MultiHeadDoDNet, dynunet_3d_fullres, segresnet_wholebody, swinunetr_universal  # noqa: E402
+
+from scripts.acceleration import autocast, input_to_channels_last, to_channels_last  # noqa: E402
+from scripts.networks import DoDNet  # noqa: E402
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(device: torch.device, size: int = 4096) -> float:
+    """Same-run fp32 matmul GFLOP/s: the yardstick for the forward's efficiency."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size**3 / best_of(lambda: a @ b, device, repeats=5, warmup=2) / 1e9
+
+
+class Table:
+    def __init__(self, title: str, columns: List[str]) -> None:
+        self.title, self.columns, self.rows = title, columns, []
+
+    def add(self, *cells: object) -> None:
+        self.rows.append([c if isinstance(c, str) else f"{c:.3f}" for c in cells])
+        print("  " + " | ".join(self.rows[-1]), flush=True)
+
+    def render(self) -> str:
+        widths = [max(len(r[i]) for r in [self.columns] + self.rows) for i in range(len(self.columns))]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        out = [f"\n{self.title}", line(self.columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        return "\n".join(out + [line(r) for r in self.rows])
+
+
+def fast(net: torch.nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network on its fast path: channels-last weights and input, inference mode, autocast."""
+    to_channels_last(net)
+
+    def run(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return net(input_to_channels_last(x), *args)
+
+    return run
+
+
+def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
+    x = torch.randn(1, 1, *patch, device=device)
+    precision = args.precision
+    table = Table(
+        f"Patch forward {patch}, batch 1, random weights, {precision} channels-last, inference mode",
+        ["network", "seconds", "ratio to DoDNet 1 task"],
+    )
+    print(table.title, flush=True)
+    torch.manual_seed(0)
+    dodnet = DoDNet().to(device).eval()
+    run = fast(dodnet, device, precision)
+    one, singles = torch.tensor([0], device=device), [torch.tensor([k], device=device) for k in range(7)]
+    with torch.inference_mode():
+        t_one = best_of(lambda: run(x, one), device, args.repeats)
+        table.add("DoDNet, 1 task", t_one, 1.0)
+        t_all = best_of(lambda: run(x), device, args.repeats)
+        table.add("DoDNet, all 7 tasks in one pass", t_all, t_all / t_one)
+        t_multi = best_of(lambda: [run(x, k) for k in singles], device, max(1, args.repeats // 2), 0)
+        table.add("Multi-Nets (7 backbone passes)", t_multi, t_multi / t_one)
+        results = {"one": t_one, "all": t_all, "multi_nets": t_multi}
+        competitors = {
+            "Multi-Head (shared encoder, 7 decoders)": MultiHeadDoDNet,
+            "DynUNet nnU-Net 3d_fullres (14 ch)": dynunet_3d_fullres,
+            "SegResNet (wholeBody bundle)": segresnet_wholebody,
+            "SwinUNETR feature 48 (universal model)": swinunetr_universal,
+        }
+        for name, make in competitors.items():
+            net = make().to(device).eval()
+            seconds = best_of(lambda: fast(net, device, precision)(x), device, args.repeats)
+            table.add(name, seconds, seconds / t_one)
+            results[name] = seconds
+            del net
+    fastest_other = min(v for k, v in results.items() if k not in ("one", "all", "multi_nets"))
+    summary = Table("Targets (patch)", ["target", "measured", "met"])
+    summary.rows.append(["all 7 / 1 task <= 1.03", f"{t_all / t_one:.3f}", str(t_all / t_one <= 1.03)])
+    summary.rows.append(["Multi-Nets / all 7 >= 6.5", f"{t_multi / t_all:.2f}", str(t_multi / t_all >= 6.5)])
+    summary.rows.append(
+        ["all-7 DoDNet fastest of the alternatives", f"{t_all:.3f} vs {fastest_other:.3f}", str(t_all < fastest_other)]
+    )
+    return [table, summary]
+
+
+def efficiency_section(args, device: torch.device, patch: List[int]) -> List[Table]:
+    x = torch.randn(1, 1, *patch, device=device)
+    torch.manual_seed(0)
+    net = DoDNet().to(device).eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(x)
+    gflop = counter.get_total_flops() / 1e9
+    rate = matmul_rate(device)
+    table = Table(
+        f"Forward efficiency, all 7 tasks, patch {patch}: {gflop:.0f} GFLOP; same-run fp32 matmul {rate:.0f} GFLOP/s",
+        ["path", "seconds", "GFLOP/s", "of fp32 matmul rate", "speed-up vs fp32 eager"],
+    )
+    print(table.title, flush=True)
+    with torch.inference_mode():
+        eager = best_of(lambda: net(x), device, args.repeats)
+        table.add("fp32 eager (contiguous)", eager, gflop / eager, f"{gflop / eager / rate:.0%}", 1.0)
+        paths = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+        for precision in paths:
+            run = fast(net, device, precision)
+            seconds = best_of(lambda: run(x), device, args.repeats)
+            table.add(
+                f"{precision} channels-last", seconds, gflop / seconds, f"{gflop / seconds / rate:.0%}", eager / seconds
+            )
+            net = net.to(memory_format=torch.contiguous_format)
+    return [table]
+
+
+def volume_section(args, device: torch.device) -> List[Table]:
+    """Runs benchmarks/bench_inference_memory.py in a child process so its peak RSS is its own."""
+    script = BENCH_DIR / "bench_inference_memory.py"
+    table = Table("Whole-volume inference, synthetic 512 x 512 x 300 CT at 0.7 x 0.7 x 1.0 mm, all 7 tasks", [])
+    if not script.is_file():
+        print(f"volume: {script.name} not found, section skipped")
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "volume.json"
+        cmd = [sys.executable, str(script), "--device", str(device), "--json", str(report)]
+        cmd += ["--precision", args.precision]
+        subprocess.run(cmd, check=True)
+        result: Dict[str, object] = json.loads(report.read_text())
+    table.columns = list(result)
+    table.rows.append([str(v) for v in result.values()])
+    return [table]
+
+
+def train_section(args, device: torch.device) -> List[Table]:
+    from scripts.losses import PartialLabelDiceBCELoss
+
+    patch = [192, 192, 64] if device.type == "cuda" else [int(v) for v in args.train_patch.split(",")]
+    torch.manual_seed(0)
+    net = DoDNet().to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    loss_fn = PartialLabelDiceBCELoss()
+    x = torch.randn(2, 1, *patch, device=device)
+    target = (torch.rand(2, 2, *patch, device=device) > 0.9).float()
+    task = torch.tensor([0, 3], device=device)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=amp)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(x, task), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    seconds = best_of(step, device, args.repeats, warmup=1)
+    table = Table("Training", ["patch", "batch", "precision", "seconds per iteration", "iterations per second"])
+    table.add(str(patch), "2", "fp16 AMP" if amp else "fp32", seconds, 1.0 / seconds)
+    return [table]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--patch", default="192,192,64", help="H,W,D of the forward patch")
+    parser.add_argument("--train-patch", default="96,96,32", help="H,W,D of the CPU training patch")
+    parser.add_argument("--precision", default=None, help="fast-path precision (default: bf16 on CPU and GPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="", help="sections to skip: patch,efficiency,volume,train")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    args.precision = args.precision or "bf16"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    patch = [int(v) for v in args.patch.split(",")]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    print(f"machine: {machine_name(device)}; device: {device}", flush=True)
+    tables: List[Table] = []
+    sections = {
+        "patch": lambda: patch_section(args, device, patch),
+        "efficiency": lambda: efficiency_section(args, device, patch),
+        "volume": lambda: volume_section(args, device),
+        "train": lambda: train_section(args, device),
+    }
+    for name, section in sections.items():
+        if name not in skip:
+            tables += section()
+    print(f"\nDoDNet benchmark — machine: {machine_name(device)}; device: {device}")
+    for table in tables:
+        print(table.render())
+
+
+if __name__ == "__main__":
+    main()

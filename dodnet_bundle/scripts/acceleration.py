@@ -1,0 +1,40 @@
+"""Fast inference paths: channels-last 3-D memory format and bf16/fp16 autocast, selected by name.
+
+``precision``: ``"fp32"`` (default), ``"bf16"`` (CPUs with AVX-512 bf16/AMX, and GPUs) or ``"fp16"``
+(GPUs). Channels-last 3-D lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+__all__ = ["PRECISIONS", "autocast", "to_channels_last", "input_to_channels_last"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> ContextManager:
+    """An autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if device_type == "cpu" and dtype == torch.float16:
+        raise ValueError("fp16 autocast is for GPUs; use precision 'bf16' on the CPU")
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def to_channels_last(network: nn.Module) -> nn.Module:
+    """Store the network's 5-D parameters channels-last (in place); returns the network."""
+    return network.to(memory_format=torch.channels_last_3d)
+
+
+def input_to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 5-D input in channels-last 3-D layout (other tensors unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
