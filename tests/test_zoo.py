@@ -64,6 +64,29 @@ def test_license_present(bundle_root):
     assert "Apache License" in text and "Version 2.0" in text
 
 
+def test_large_files_entries_follow_zoo_format(bundle_root):
+    import yaml
+
+    entries = yaml.safe_load((bundle_root / "large_files.yml").read_text())["large_files"]
+    assert [e["path"] for e in entries] == ["models/model.pt"]
+    for entry in entries:
+        assert set(entry) == {"path", "url", "hash_val", "hash_type"}
+        assert entry["hash_type"] in ("md5", "sha1", "sha256", "sha512")
+        assert bool(entry["url"]) == bool(entry["hash_val"]), "a released file needs both url and hash_val"
+        if not entry["url"]:  # not released yet: the bundle must not pretend to ship it
+            assert (
+                not (bundle_root / entry["path"]).is_file()
+                or "models/*.pt" in (bundle_root.parent / ".gitignore").read_text()
+            )
+
+
+def test_data_license_names_each_source_license(bundle_root):
+    text = (bundle_root / "docs" / "data_license.txt").read_text()
+    for source, terms in (("LiTS", "CC BY-NC-SA 4.0"), ("KiTS19", "CC BY-NC-SA 4.0"), ("Decathlon", "CC BY-SA 4.0")):
+        block = text[text.index(source) :]
+        assert terms in block[: block.index("Cite:")], source
+
+
 def test_version_listed_in_changelog(bundle_root):
     meta = json.loads((bundle_root / "configs" / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
