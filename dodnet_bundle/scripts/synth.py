@@ -1,0 +1,585 @@
+"""MOTS-synth: small synthetic, partially labeled CT volumes, the bundle's embedded default data set.
+
+Every volume is a miniature abdominal phantom that contains ALL seven structure kinds of MOTS: the
+liver with tumors and hepatic vessels, two kidneys with a tumor, the pancreas with a tumor, the colon
+with a tumor, the lungs with a nodule and the spleen (plus distractors: body wall, fat, spine, aorta).
+Each volume's label, however, marks only its own task's organ and tumor, written in that task's
+source label convention (``scripts.tasks.TASKS``: e.g. colon labels only its tumor as 1, spleen only
+its organ as 1, hepatic vessel labels vessels 1 and tumors 2). As in the real MOTS collection, a
+network that does not know the task sees the same structure as foreground in one volume and as
+background in another and cannot fit the labels; DoDNet's task prior resolves it.
+
+Geometry: the phantom is defined in millimetres and sampled on an anisotropic grid (in-plane
+spacing 0.7-0.9 mm, slice spacing 1.5-2.5 mm), stored as NIfTI (int16 HU images, uint8 labels) with
+a proper affine, in RAS or LPS storage order. The default field of view (51.2 x 51.2 x 48 mm)
+becomes about 64 x 64 x 32 voxels after the bundle's resampling to 0.8 x 0.8 x 1.5 mm, so a
+reduced-width DoDNet trains on it in minutes on a laptop CPU. Intensities are plausible contrast-
+enhanced CT values: air -1000, lung about -800, fat about -100, soft tissue 30-60, liver about 100,
+spleen about 130, kidney cortex and vessels 170-200, bone 400+; tumors are hypo- or hyper-dense;
+organ shapes, sizes, positions and textures are random and Gaussian noise is added.
+
+``ensure_mots_synth`` generates a data set once into a cache folder and returns its datalist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .tasks import TASKS, LabelRule, TaskSpec, resolve_task
+
+__all__ = [
+    "SYNTH_VERSION",
+    "STRUCTURES",
+    "TASK_STRUCTURES",
+    "Phantom",
+    "make_phantom",
+    "encode_task_label",
+    "task_masks",
+    "SPLITS",
+    "case_rng",
+    "SynthCase",
+    "generate_case",
+    "ensure_mots_synth",
+]
+
+SYNTH_VERSION = 1
+"""Bumped whenever the generator's output changes, so stale caches are regenerated."""
+
+STRUCTURES: Tuple[str, ...] = (
+    "liver",
+    "liver_tumor",
+    "hepatic_vessel",
+    "kidney",
+    "kidney_tumor",
+    "pancreas",
+    "pancreas_tumor",
+    "colon",
+    "colon_tumor",
+    "lung",
+    "lung_tumor",
+    "spleen",
+)
+"""Phantom structures (each volume contains all of them); index + 1 is the id in ``Phantom.structures``."""
+
+TASK_STRUCTURES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "liver": (("liver", "liver_tumor", "hepatic_vessel"), ("liver_tumor",)),
+    "kidney": (("kidney", "kidney_tumor"), ("kidney_tumor",)),
+    "hepatic_vessel": (("hepatic_vessel",), ("liver_tumor",)),
+    "pancreas": (("pancreas", "pancreas_tumor"), ("pancreas_tumor",)),
+    "colon": (("colon", "colon_tumor"), ("colon_tumor",)),
+    "lung": (("lung", "lung_tumor"), ("lung_tumor",)),
+    "spleen": (("spleen",), ()),
+}
+"""Which phantom structures form each task's (organ, tumor) masks, as the real sources annotate them
+(LiTS counts vessels and tumors inside the liver as liver; MSD Task08's tumors are liver tumors).
+Whether a task labels the organ and/or the tumor, and with which values, comes from ``TASKS``."""
+
+DEFAULT_FOV_MM = (51.2, 51.2, 48.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# phantom geometry (all coordinates in mm, RAS patient frame centred on the body, see ``_grid``)
+# ----------------------------------------------------------------------------------------------
+
+
+class Phantom:
+    """One sampled phantom: the CT image and the exclusive structure map on the same voxel grid.
+
+    Attributes:
+        image: (X, Y, Z) float32 HU values.
+        structures: (X, Y, Z) uint8, 0 = none, ``i + 1`` = ``STRUCTURES[i]`` (later structures win).
+        spacing: voxel size in mm along X, Y, Z.
+    """
+
+    def __init__(self, image: np.ndarray, structures: np.ndarray, spacing: Sequence[float]) -> None:
+        self.image = image
+        self.structures = structures
+        self.spacing = tuple(float(s) for s in spacing)
+
+    def mask(self, names: Sequence[str]) -> np.ndarray:
+        """Boolean (X, Y, Z) union of the named structures."""
+        ids = [STRUCTURES.index(n) + 1 for n in names]
+        return np.isin(self.structures, ids)
+
+
+def _rotation_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _smooth_field(rng: np.random.Generator, shape: Tuple[int, ...], sigma_vox: Sequence[float]) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field (Gaussian-filtered white noise)."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=sigma_vox, mode="wrap")
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _ellipsoid(
+    pts: np.ndarray, center: Sequence[float], radii: Sequence[float], angle: float, bumps: np.ndarray, amp: float
+) -> np.ndarray:
+    """Boolean mask of a rotated ellipsoid whose surface is perturbed by the smooth field ``bumps``."""
+    local = (pts - np.asarray(center)) @ _rotation_z(angle)
+    q = np.sum((local / np.asarray(radii)) ** 2, axis=-1)
+    return q < 1.0 + amp * bumps
+
+
+def _segment_distance(pts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip(((pts - a) @ ab) / max(float(ab @ ab), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(pts - (a + t[..., None] * ab), axis=-1)
+
+
+def _tube(pts: np.ndarray, path: Sequence[np.ndarray], radius: Union[float, Sequence[float]]) -> np.ndarray:
+    """Boolean mask of voxels within ``radius`` (per segment or one value) of a polyline."""
+    radii = [radius] * (len(path) - 1) if np.isscalar(radius) else list(radius)
+    mask = np.zeros(pts.shape[:-1], dtype=bool)
+    for a, b, r in zip(path[:-1], path[1:], radii):
+        mask |= _segment_distance(pts, np.asarray(a), np.asarray(b)) < r
+    return mask
+
+
+def _grid(shape: Sequence[int], spacing: Sequence[float], center_offset: Sequence[float]) -> np.ndarray:
+    """(X, Y, Z, 3) mm coordinates of voxel centres in the phantom frame.
+
+    The phantom frame is RAS (+x towards the patient's right, +y anterior, +z superior) with its
+    origin at the body centre, which lies ``center_offset`` mm from the centre of the field of view.
+    """
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s - o for n, s, o in zip(shape, spacing, center_offset)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
+
+
+class _Painter:
+    """Paints structures into the image and the exclusive structure map, in order (later wins)."""
+
+    def __init__(self, shape: Tuple[int, ...], rng: np.random.Generator, texture: np.ndarray) -> None:
+        self.image = np.full(shape, -1000.0, dtype=np.float32)
+        self.structures = np.zeros(shape, dtype=np.uint8)
+        self.rng = rng
+        self.texture = texture
+
+    def paint(self, mask: np.ndarray, hu: float, structure: Optional[str] = None, texture_hu: float = 0.0) -> None:
+        value = np.float32(hu) + np.float32(texture_hu) * self.texture[mask]
+        self.image[mask] = value
+        self.structures[mask] = 0 if structure is None else STRUCTURES.index(structure) + 1
+
+    def region(self, name: str) -> np.ndarray:
+        return self.structures == STRUCTURES.index(name) + 1
+
+    def free(self, *names: str) -> np.ndarray:
+        """Voxels of no labeled structure or of one of ``names`` (where a tumor may grow)."""
+        return np.isin(self.structures, [0] + [STRUCTURES.index(n) + 1 for n in names])
+
+
+def _pick_inside(rng: np.random.Generator, pts: np.ndarray, mask: np.ndarray, margin_mm: float, spacing) -> np.ndarray:
+    """A random point (mm) of ``mask`` at least ``margin_mm`` from its boundary (or its deepest point)."""
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
+    candidates = np.argwhere(depth >= margin_mm)
+    if len(candidates) == 0:
+        candidates = np.argwhere(depth >= 0.5 * depth.max()) if depth.max() > 0 else np.argwhere(np.ones_like(mask))
+    idx = tuple(candidates[rng.integers(len(candidates))])
+    return pts[idx].astype(np.float64)
+
+
+def make_phantom(
+    rng: np.random.Generator,
+    spacing: Sequence[float] = (0.8, 0.8, 1.5),
+    fov_mm: Sequence[float] = DEFAULT_FOV_MM,
+    noise_hu: Optional[float] = None,
+) -> Phantom:
+    """Sample one miniature abdominal phantom containing every structure of ``STRUCTURES``.
+
+    Args:
+        rng: the random generator (the only source of randomness: same state, same phantom).
+        spacing: voxel size in mm along x (right), y (anterior), z (superior).
+        fov_mm: field of view in mm; the grid has ``round(fov / spacing)`` voxels per axis.
+        noise_hu: standard deviation of the Gaussian noise (random in 8-18 HU when None).
+
+    Returns:
+        a ``Phantom`` with an (X, Y, Z) float32 HU image and its structure map.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    shape = tuple(max(16, int(round(f / s))) for f, s in zip(fov_mm, spacing))
+    offset = rng.uniform(-2.0, 2.0, size=3)
+    pts = _grid(shape, spacing, offset)
+    scale = rng.uniform(0.92, 1.08)
+    sigma_vox = [3.0 / s for s in spacing]
+    bumps = _smooth_field(rng, shape, sigma_vox)
+    texture = _smooth_field(rng, shape, [1.2 / s for s in spacing])
+    painter = _Painter(shape, rng, texture)
+    u = rng.uniform
+
+    def jitter(point: Sequence[float], mm: float = 1.5) -> np.ndarray:
+        return scale * np.asarray(point, dtype=np.float64) + rng.uniform(-mm, mm, size=3)
+
+    # body: air outside, subcutaneous fat, muscle wall, visceral fat with soft-tissue streaks
+    ax, ay = scale * u(21.0, 23.5), scale * u(16.0, 18.5)
+    ellipse = (pts[..., 0] / ax) ** 2 + (pts[..., 1] / ay) ** 2
+    body = ellipse < 1.0
+    inner = (pts[..., 0] / (ax - 2.5)) ** 2 + (pts[..., 1] / (ay - 2.5)) ** 2 < 1.0
+    cavity = (pts[..., 0] / (ax - 4.0)) ** 2 + (pts[..., 1] / (ay - 4.0)) ** 2 < 1.0
+    painter.paint(body, u(-110, -90), texture_hu=10)
+    painter.paint(inner, u(40, 60), texture_hu=8)
+    painter.paint(cavity, u(-90, -60), texture_hu=45)
+
+    # distractors: vertebral body (bone), aorta and vena cava (contrast-enhanced)
+    spine_c = jitter((0.0, -ay / scale + 5.5, 0.0), 0.5)
+    spine = _tube(pts, [spine_c + [0, 0, -40], spine_c + [0, 0, 40]], 3.6 * scale)
+    painter.paint(spine, u(650, 800))
+    painter.paint(_tube(pts, [spine_c + [0, 0, -40], spine_c + [0, 0, 40]], 2.8 * scale), u(250, 350), texture_hu=40)
+    aorta_c = spine_c + [-2.0, 5.5, 0.0] + u(-0.5, 0.5, size=3)
+    painter.paint(_tube(pts, [aorta_c + [0, 0, -40], aorta_c + [0, 0, 40]], 1.9 * scale), u(180, 220))
+    ivc_c = spine_c + [3.5, 5.0, 0.0] + u(-0.5, 0.5, size=3)
+    painter.paint(_tube(pts, [ivc_c + [0, 0, -40], ivc_c + [0, 0, 40]], 2.0 * scale), u(130, 160))
+
+    # lungs (superior): air-filled, the liver dome is painted over their bases later
+    lung_z = 24.0 + u(-2.0, 2.0)
+    lungs = np.zeros(shape, dtype=bool)
+    for side in (1.0, -1.0):
+        radii = scale * np.array([8.0, 11.0, 10.0]) * u(0.9, 1.1, size=3)
+        lungs |= _ellipsoid(pts, jitter((side * 10.0, -2.0, lung_z)), radii, u(-0.2, 0.2), bumps, 0.1)
+    painter.paint(lungs & inner, u(-850, -780), "lung", texture_hu=25)
+
+    # colon: a U-shaped tube in the lower abdomen with a gas or fluid lumen
+    frame = [(15, -3, -25), (15, -1, -13), (6, 9, -11), (-6, 9, -11), (-15, -1, -13), (-15, -3, -25)]
+    colon_path = [jitter(p) for p in frame]
+    colon_r = scale * u(3.4, 4.2)
+    colon = _tube(pts, colon_path, colon_r) & cavity
+    lumen = _tube(pts, colon_path, colon_r - 1.3 * scale) & cavity
+    painter.paint(colon, u(35, 55), "colon", texture_hu=6)
+    painter.paint(lumen & painter.region("colon"), u(-950, -850) if u() < 0.6 else u(0, 25), "colon", texture_hu=30)
+
+    # kidneys (posterior, both sides): enhanced cortex, darker medulla; one tumor, may be exophytic
+    kidneys = []
+    kz = u(-10.0, -4.0)
+    for side in (1.0, -1.0):
+        center = jitter((side * 8.5, -ay / scale + 8.0, kz))
+        radii = scale * np.array([3.8, 5.0, 7.5]) * u(0.88, 1.12, size=3)
+        angle = side * u(0.1, 0.4)
+        kidneys.append((center, radii, angle))
+        painter.paint(_ellipsoid(pts, center, radii, angle, bumps, 0.08) & cavity, u(170, 200), "kidney", texture_hu=8)
+        painter.paint(_ellipsoid(pts, center, 0.55 * radii, angle, bumps, 0.08) & cavity, u(110, 140), "kidney")
+    # spleen (left, posterior-lateral)
+    spleen = _ellipsoid(
+        pts,
+        jitter((-14.0, -4.5, u(2.0, 7.0))),
+        scale * np.array([4.0, 7.0, 6.5]) * u(0.88, 1.12, size=3),
+        u(0.3, 0.8),
+        bumps,
+        0.12,
+    )
+    painter.paint(spleen & cavity, u(120, 140), "spleen", texture_hu=6)
+
+    # liver (right, superior): large, moderately enhanced; hepatic vessel tree and tumors inside
+    liver_c = jitter((9.0, 1.0, u(4.0, 8.0)))
+    liver_radii = scale * np.array([11.0, 12.0, 8.0]) * u(0.9, 1.1, size=3)
+    liver = _ellipsoid(pts, liver_c, liver_radii, u(-0.2, 0.2), bumps, 0.15) & cavity
+    painter.paint(liver, u(95, 115), "liver", texture_hu=7)
+    liver = painter.region("liver")
+    hilum = liver_c + scale * np.array([-4.0, -2.0, -2.0])
+    vessels = np.zeros(shape, dtype=bool)
+    for _ in range(rng.integers(3, 6)):
+        target = _pick_inside(rng, pts, liver, 2.0, spacing)
+        middle = 0.5 * (hilum + target) + rng.uniform(-2.0, 2.0, size=3)
+        r0 = scale * u(2.0, 2.6)
+        vessels |= _tube(pts, [hilum, middle, target], [r0, 0.85 * r0])
+    painter.paint(vessels & liver, u(180, 210), "hepatic_vessel")
+    for _ in range(rng.integers(1, 4)):
+        c = _pick_inside(rng, pts, liver, 3.0, spacing)
+        hu = u(30, 60) if u() < 0.7 else u(145, 165)
+        region = painter.region("liver") | painter.region("hepatic_vessel")
+        painter.paint((np.linalg.norm(pts - c, axis=-1) < scale * u(2.0, 4.0)) & region, hu, "liver_tumor", 10)
+
+    # pancreas: a lobulated curved tube from the splenic hilum to the head, with a hypodense tumor
+    pz = u(-5.0, -2.0)
+    pancreas_path = [jitter(p, 1.0) for p in ((-10.0, -1.0, pz + 1.0), (0.0, 3.0, pz), (4.0, 2.0, pz - 2.0))]
+    pancreas_r = scale * u(2.4, 3.0)
+    pancreas = np.zeros(shape, dtype=bool)
+    for a, b in zip(pancreas_path[:-1], pancreas_path[1:]):
+        pancreas |= _segment_distance(pts, a, b) < pancreas_r * (1.0 + 0.18 * bumps)
+    painter.paint(pancreas & cavity & painter.free(), u(75, 95), "pancreas", texture_hu=18)
+    t = u(0.2, 0.8)
+    seg = rng.integers(2)
+    tumor_c = pancreas_path[seg] + t * (pancreas_path[seg + 1] - pancreas_path[seg])
+    pancreas_tumor = (np.linalg.norm(pts - tumor_c, axis=-1) < scale * u(2.2, 3.0)) & cavity
+    painter.paint(pancreas_tumor & painter.free("pancreas"), u(25, 45), "pancreas_tumor", texture_hu=8)
+
+    # kidney tumor at the surface of one kidney (may be exophytic)
+    center, radii, angle = kidneys[rng.integers(2)]
+    theta = u(0.0, 2.0 * np.pi)
+    direction = _rotation_z(angle) @ np.array([np.cos(theta), np.sin(theta), u(-0.3, 0.3)])
+    tumor_c = center + 0.6 * np.abs(radii).min() * direction / np.linalg.norm(direction)
+    kidney_tumor = (np.linalg.norm(pts - tumor_c, axis=-1) < scale * u(2.8, 4.0)) & cavity
+    painter.paint(kidney_tumor & painter.free("kidney"), u(55, 90), "kidney_tumor", texture_hu=15)
+
+    # colon tumor: an annular mass filling a stretch of the colon
+    seg = rng.integers(1, len(colon_path) - 2)
+    tumor_c = colon_path[seg] + u(0.2, 0.8) * (colon_path[seg + 1] - colon_path[seg])
+    colon_tumor = (np.linalg.norm(pts - tumor_c, axis=-1) < scale * u(3.0, 4.5)) & _tube(pts, colon_path, colon_r + 0.6)
+    painter.paint(colon_tumor & cavity & painter.free("colon"), u(45, 70), "colon_tumor", texture_hu=10)
+
+    # lung nodule, inside one lung
+    lung = painter.region("lung")
+    c = _pick_inside(rng, pts, lung, 3.0, spacing)
+    painter.paint((np.linalg.norm(pts - c, axis=-1) < scale * u(2.0, 3.8)) & lung, u(20, 50), "lung_tumor", 10)
+
+    # partial-volume blur and scanner noise
+    image = ndimage.gaussian_filter(painter.image, sigma=[0.45 / s for s in spacing])
+    sigma = u(8.0, 18.0) if noise_hu is None else float(noise_hu)
+    image = image + sigma * rng.standard_normal(shape).astype(np.float32)
+    return Phantom(image.astype(np.float32), painter.structures, spacing)
+
+
+# ----------------------------------------------------------------------------------------------
+# labels in each source's convention
+# ----------------------------------------------------------------------------------------------
+
+
+def _rule_hits(rule: Optional[LabelRule], value: int) -> Optional[bool]:
+    if rule is None:
+        return None
+    return value >= rule.min_value if rule.min_value is not None else value == rule.equals
+
+
+def encode_task_label(spec: TaskSpec, organ: np.ndarray, tumor: np.ndarray) -> np.ndarray:
+    """Write (organ, tumor) masks as ``spec``'s source label values (the inverse of its label rules).
+
+    Each voxel gets the source value whose rules reproduce the voxel's labeled channels (a channel the
+    source does not label is ignored); where no value reproduces both, the tumor decides (e.g. a
+    hepatic-vessel voxel inside a tumor is written as tumor).
+
+    Args:
+        spec: the task (``TASKS`` entry).
+        organ: boolean (X, Y, Z) organ mask in that task's sense.
+        tumor: boolean (X, Y, Z) tumor mask.
+
+    Returns:
+        uint8 (X, Y, Z) label map with values from ``spec.source_values``.
+    """
+    label = np.zeros(organ.shape, dtype=np.uint8)
+    if 0 not in spec.source_values:
+        raise ValueError(f"task {spec.name}: source_values {spec.source_values} lack the background value 0")
+    assigned = np.zeros(organ.shape, dtype=bool)
+    wanted = []
+    for o in (True, False):
+        for t in (True, False):
+            wanted.append((o, t))
+    for o, t in wanted:
+        need_o = o if spec.organ_rule is not None else None
+        need_t = t if spec.tumor_rule is not None else None
+        region = (organ if o else ~organ) & (tumor if t else ~tumor) & ~assigned
+        if not region.any():
+            continue
+        exact = [
+            v
+            for v in spec.source_values
+            if (_rule_hits(spec.organ_rule, v), _rule_hits(spec.tumor_rule, v)) == (need_o, need_t)
+        ]
+        if not exact:
+            exact = [v for v in spec.source_values if _rule_hits(spec.tumor_rule, v) == need_t]
+        if not exact:
+            raise ValueError(f"task {spec.name}: no source value encodes organ={o}, tumor={t}")
+        label[region] = exact[0]
+        assigned |= region
+    return label
+
+
+def task_masks(phantom: Phantom, spec: TaskSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """The (organ, tumor) boolean masks the task's source would annotate in ``phantom``."""
+    organ_names, tumor_names = TASK_STRUCTURES[spec.name]
+    return phantom.mask(organ_names), phantom.mask(tumor_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# cases, files and the cached data set
+# ----------------------------------------------------------------------------------------------
+
+SPLITS: Tuple[str, ...] = ("training", "validation", "test")
+
+
+def case_rng(seed: int, task_id: int, split: str, index: int) -> np.random.Generator:
+    """The random generator of one case: depends only on (seed, task, split, index), so growing a split
+    or changing another split's size leaves existing cases unchanged."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(task_id), SPLITS.index(split), int(index)]))
+
+
+class SynthCase(NamedTuple):
+    """One generated case (arrays in storage order, sharing ``affine``)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    structures: np.ndarray
+
+
+def generate_case(
+    task: Union[str, int, TaskSpec], rng: np.random.Generator, fov_mm: Sequence[float] = DEFAULT_FOV_MM
+) -> "SynthCase":
+    """One synthetic CT volume with its task's label, in a random anisotropic spacing and storage order.
+
+    Args:
+        task: the task (name or id) whose source convention the label follows.
+        rng: the case's random generator.
+        fov_mm: field of view in mm.
+
+    Returns:
+        a ``SynthCase``: int16 (X, Y, Z) HU image, uint8 (X, Y, Z) label with the task's source values,
+        the 4x4 voxel-to-world (RAS mm) affine shared by both and the phantom's structure map; arrays
+        are stored in RAS or LPS order (chosen at random, as real CT archives mix them).
+    """
+    spec = task if isinstance(task, TaskSpec) else resolve_task(task)
+    spacing = (rng.uniform(0.7, 0.9),) * 2 + (rng.uniform(1.5, 2.5),)
+    for _ in range(20):
+        phantom = make_phantom(rng, spacing, fov_mm)
+        present = np.bincount(phantom.structures.ravel(), minlength=len(STRUCTURES) + 1)[1:]
+        if present.min() >= 20:
+            break
+    else:  # pragma: no cover - the layout leaves room for every structure
+        raise RuntimeError("could not place every structure in the phantom; enlarge fov_mm")
+    organ, tumor = task_masks(phantom, spec)
+    label = encode_task_label(spec, organ, tumor)
+    image = np.clip(np.round(phantom.image), -1024, 3071).astype(np.int16)
+    structures = phantom.structures
+    shape = np.array(image.shape)
+    table = rng.uniform(-50.0, 50.0, size=3)  # where the scanner's world origin lies
+    first = table - (shape - 1) / 2.0 * np.asarray(spacing)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = first
+    if rng.uniform() < 0.5:  # LPS storage: first two array axes reversed, negative affine columns
+        image, label, structures = (a[::-1, ::-1].copy() for a in (image, label, structures))
+        affine[:2, :2] *= -1.0
+        affine[:2, 3] = first[:2] + (shape[:2] - 1) * np.asarray(spacing[:2])
+    return SynthCase(image, label, affine, structures)
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write ``array`` as NIfTI atomically (a temporary name in the same folder, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (POSIX ``flock``; no lock where unavailable), so concurrent
+    processes (e.g. DDP ranks) generate a data set once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _split_counts(num_per_task: int, num_val_per_task: int, num_test_per_task: int) -> Dict[str, int]:
+    counts = {"training": num_per_task, "validation": num_val_per_task, "test": num_test_per_task}
+    for name, n in counts.items():
+        if int(n) != n or n < 0:
+            raise ValueError(f"the number of {name} cases per task must be a non-negative integer, got {n!r}")
+    if counts["training"] < 1:
+        raise ValueError(f"num_per_task (training cases per task) must be >= 1, got {num_per_task}")
+    return {k: int(v) for k, v in counts.items()}
+
+
+def ensure_mots_synth(
+    cache_dir: Union[str, os.PathLike],
+    num_per_task: int = 12,
+    seed: int = 0,
+    num_val_per_task: int = 1,
+    num_test_per_task: int = 2,
+    tasks: Union[None, str, Sequence[Union[str, int]]] = None,
+    fov_mm: Sequence[float] = DEFAULT_FOV_MM,
+) -> Path:
+    """Generate MOTS-synth into ``cache_dir`` once and return the path of its datalist JSON.
+
+    The data set lives in ``cache_dir/mots_synth_v<version>_seed<seed>_<train>-<val>-<test>[...]/``
+    (``images/``, ``labels/``, ``datalist.json``, ``synth.json`` with the parameters). A complete
+    data set (its datalist and every file it lists) is reused as is; missing files are regenerated.
+    Every file is written atomically and the datalist last, so an interrupted run leaves no datalist
+    that points at partial files; a file lock makes concurrent callers generate it once.
+
+    Args:
+        cache_dir: folder holding generated data sets (created if needed).
+        num_per_task: training volumes per task.
+        seed: the data set's seed (same seed and sizes -> identical files).
+        num_val_per_task: validation volumes per task.
+        num_test_per_task: held-out test volumes per task.
+        tasks: the tasks to generate (default: all seven; names, ids or a comma-separated string).
+        fov_mm: field of view of each volume in mm (x, y, z).
+
+    Returns:
+        the datalist JSON path: ``{"training": [...], "validation": [...], "test": [...]}``, items
+        ``{"image": "images/<case>.nii.gz", "label": "labels/<case>.nii.gz", "task": "<name>"}`` with
+        paths relative to the datalist's folder.
+    """
+    from .tasks import resolve_tasks
+
+    counts = _split_counts(num_per_task, num_val_per_task, num_test_per_task)
+    specs = resolve_tasks(tasks)
+    fov = tuple(float(f) for f in fov_mm)
+    if len(fov) != 3 or min(fov) < 32.0:
+        raise ValueError(f"fov_mm must be three sizes of at least 32 mm, got {list(fov_mm)}")
+    name = f"mots_synth_v{SYNTH_VERSION}_seed{int(seed)}_{counts['training']}-{counts['validation']}-{counts['test']}"
+    if specs != TASKS:
+        name += "_" + "-".join(str(s.id) for s in specs)
+    if fov != DEFAULT_FOV_MM:
+        name += "_fov" + "x".join(f"{f:g}" for f in fov)
+    root = Path(cache_dir).expanduser() / name
+    datalist_path = root / "datalist.json"
+    if _complete(datalist_path):
+        return datalist_path
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        if _complete(datalist_path):
+            return datalist_path
+        datalist: Dict[str, List[Dict[str, str]]] = {split: [] for split in SPLITS}
+        for split in SPLITS:
+            for spec in specs:
+                for index in range(counts[split]):
+                    case = f"{spec.name}_{split[:5]}_{index:03d}"
+                    item = {"image": f"images/{case}.nii.gz", "label": f"labels/{case}.nii.gz", "task": spec.name}
+                    if not ((root / item["image"]).is_file() and (root / item["label"]).is_file()):
+                        case_data = generate_case(spec, case_rng(seed, spec.id, split, index), fov)
+                        _save_nifti(case_data.image, case_data.affine, root / item["image"])
+                        _save_nifti(case_data.label, case_data.affine, root / item["label"])
+                    datalist[split].append(item)
+        params = {"version": SYNTH_VERSION, "seed": int(seed), "cases_per_task": counts, "fov_mm": list(fov)}
+        params["tasks"] = [s.name for s in specs]
+        _write_json(params, root / "synth.json")
+        _write_json(datalist, datalist_path)
+    return datalist_path
+
+
+def _complete(datalist_path: Path) -> bool:
+    """True when the datalist exists and every image/label it lists is a file."""
+    if not datalist_path.is_file():
+        return False
+    try:
+        datalist = json.loads(datalist_path.read_text())
+    except (OSError, ValueError):
+        return False
+    root = datalist_path.parent
+    items = [item for split in SPLITS for item in datalist.get(split, [])]
+    return all((root / item["image"]).is_file() and (root / item["label"]).is_file() for item in items)

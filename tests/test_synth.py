@@ -1,0 +1,174 @@
+"""MOTS-synth: every volume holds every structure, labels mark only the own task in its source convention,
+generation is deterministic and cached, and the geometry survives the bundle's preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.label_mapping import MapTaskLabelsd
+from scripts.synth import (
+    STRUCTURES,
+    TASK_STRUCTURES,
+    case_rng,
+    encode_task_label,
+    ensure_mots_synth,
+    generate_case,
+    make_phantom,
+)
+from scripts.tasks import TASKS, task_by_name
+from scripts.transforms import ct_preprocessing
+
+# plausible contrast-enhanced CT HU ranges of each structure's median (noise and texture included)
+HU_RANGES = {
+    "liver": (80, 130),
+    "hepatic_vessel": (150, 230),
+    "kidney": (100, 210),
+    "pancreas": (40, 110),  # thin and lobulated: partial volume with the surrounding fat
+    "spleen": (100, 160),
+    "lung": (-900, -700),
+    "liver_tumor": (20, 180),
+    "lung_tumor": (-450, 70),  # small nodules: many voxels share partial volume with the lung
+    "pancreas_tumor": (10, 60),
+}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """One generated case per task (seed 0, training index 0)."""
+    return {spec.name: generate_case(spec, case_rng(0, spec.id, "training", 0)) for spec in TASKS}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return ensure_mots_synth(tmp_path_factory.mktemp("cache"), num_per_task=1, num_val_per_task=0, num_test_per_task=1)
+
+
+def test_every_volume_contains_every_structure_with_plausible_hu(cases) -> None:
+    for name, case in cases.items():
+        counts = np.bincount(case.structures.ravel(), minlength=len(STRUCTURES) + 1)[1:]
+        missing = [s for s, n in zip(STRUCTURES, counts) if n < 20]
+        assert not missing, f"{name} volume lacks {missing}"
+        for structure, (low, high) in HU_RANGES.items():
+            hu = np.median(case.image[case.structures == STRUCTURES.index(structure) + 1])
+            assert low <= hu <= high, f"{name} volume: median HU of {structure} is {hu}"
+        assert case.image.dtype == np.int16 and case.label.dtype == np.uint8
+        assert case.image.min() <= -900  # air around the body
+
+
+def test_phantoms_vary_with_the_seed() -> None:
+    a, b = (make_phantom(np.random.default_rng(s)) for s in (1, 2))
+    liver = STRUCTURES.index("liver") + 1
+    assert (a.structures == liver).sum() != (b.structures == liver).sum()
+    assert not np.array_equal(a.image, b.image)
+
+
+def test_labels_mark_only_the_own_task_in_its_source_convention(cases) -> None:
+    mapper = MapTaskLabelsd()
+    for spec in TASKS:
+        case = cases[spec.name]
+        assert set(np.unique(case.label).tolist()) == set(spec.source_values), spec.name
+        target = mapper({"label": torch.as_tensor(case.label[None]), "task": spec.name})["label"].numpy()
+        organ_names, tumor_names = TASK_STRUCTURES[spec.name]
+        for channel, rule, names in ((0, spec.organ_rule, organ_names), (1, spec.tumor_rule, tumor_names)):
+            if rule is None:
+                assert (target[channel] == -1).all(), f"{spec.name} channel {channel} must be unlabeled"
+                continue
+            expected = np.isin(case.structures, [STRUCTURES.index(n) + 1 for n in names])
+            if spec.name == "hepatic_vessel" and channel == 0:  # vessels inside a tumor are written as tumor
+                expected &= ~np.isin(case.structures, [STRUCTURES.index("liver_tumor") + 1])
+            np.testing.assert_array_equal(target[channel] == 1, expected, err_msg=f"{spec.name} channel {channel}")
+        labeled = np.isin(case.structures, [STRUCTURES.index(n) + 1 for n in organ_names + tumor_names])
+        others = np.isin(case.structures, [i + 1 for i, s in enumerate(STRUCTURES) if s not in organ_names])
+        assert (case.label[others & ~labeled] == 0).all(), f"{spec.name} labels another task's structure"
+        assert others.sum() > 1000  # the other tasks' structures are present but unlabeled
+
+
+def test_source_conventions_examples(cases) -> None:
+    s = cases
+    colon_tumor = STRUCTURES.index("colon_tumor") + 1
+    assert set(np.unique(s["colon"].label[s["colon"].structures == colon_tumor])) == {1}
+    assert (s["colon"].label[s["colon"].structures == STRUCTURES.index("colon") + 1] == 0).all()  # organ unlabeled
+    assert set(np.unique(s["spleen"].label)) == {0, 1}
+    vessel = s["hepatic_vessel"]
+    assert set(np.unique(vessel.label[vessel.structures == STRUCTURES.index("hepatic_vessel") + 1])) == {1}
+    assert set(np.unique(vessel.label[vessel.structures == STRUCTURES.index("liver_tumor") + 1])) == {2}
+    assert (vessel.label[vessel.structures == STRUCTURES.index("liver") + 1] == 0).all()
+    liver = s["liver"]
+    assert set(np.unique(liver.label[liver.structures == STRUCTURES.index("hepatic_vessel") + 1])) == {1}
+
+
+def test_encode_task_label_inverts_the_rules() -> None:
+    organ = np.array([0, 1, 1, 0, 1], bool)
+    tumor = np.array([0, 0, 1, 1, 1], bool)
+    np.testing.assert_array_equal(encode_task_label(task_by_name("liver"), organ, tumor), [0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(encode_task_label(task_by_name("hepatic_vessel"), organ, tumor), [0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(encode_task_label(task_by_name("colon"), organ, tumor), [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(encode_task_label(task_by_name("spleen"), organ, tumor), [0, 1, 1, 0, 1])
+
+
+def test_generation_is_deterministic_and_cached(dataset: Path, tmp_path: Path) -> None:
+    datalist = json.loads(dataset.read_text())
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [7, 0, 7]
+    assert sorted({it["task"] for it in datalist["training"]}) == sorted(t.name for t in TASKS)
+    again = ensure_mots_synth(tmp_path, num_per_task=1, num_val_per_task=0, num_test_per_task=1)
+    for item in datalist["training"] + datalist["test"]:
+        for key in ("image", "label"):
+            assert not Path(item[key]).is_absolute()
+            a, b = nib.load(str(dataset.parent / item[key])), nib.load(str(again.parent / item[key]))
+            np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+            np.testing.assert_array_equal(a.affine, b.affine)
+    other = generate_case("liver", case_rng(1, 0, "training", 0))
+    first = nib.load(str(dataset.parent / datalist["training"][0]["image"]))
+    assert other.image.shape != first.shape or not np.array_equal(other.image, np.asarray(first.dataobj))
+    # a complete cache is reused as is; a deleted file is regenerated identically
+    target = dataset.parent / datalist["test"][0]["label"]
+    stamp = target.stat().st_mtime_ns
+    assert ensure_mots_synth(dataset.parent.parent, 1, 0, 0, 1) == dataset
+    assert target.stat().st_mtime_ns == stamp
+    reference = np.asarray(nib.load(str(target)).dataobj)
+    target.unlink()
+    ensure_mots_synth(dataset.parent.parent, 1, 0, 0, 1)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(target)).dataobj), reference)
+    assert not list(dataset.parent.rglob(".tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_geometry_spacing_orientation_and_preprocessed_size(dataset: Path) -> None:
+    from monai.transforms import Compose
+
+    datalist = json.loads(dataset.read_text())
+    preprocess = Compose(ct_preprocessing(label_keys=["label"]))
+    orders = set()
+    for item in datalist["training"]:
+        img = nib.load(str(dataset.parent / item["image"]))
+        zooms = img.header.get_zooms()
+        assert 0.7 <= zooms[0] == zooms[1] <= 0.9 and 1.5 <= zooms[2] <= 2.5
+        assert np.array_equal(img.affine, nib.load(str(dataset.parent / item["label"])).affine)
+        orders.add("".join(nib.aff2axcodes(img.affine)))
+        data = preprocess({"image": str(dataset.parent / item["image"]), "label": str(dataset.parent / item["label"])})
+        shape = tuple(data["image"].shape[1:])
+        assert all(abs(s - e) <= 2 for s, e in zip(shape, (64, 64, 32))), shape
+        label = data["label"][0].numpy()
+        if item["task"] in ("liver", "lung"):  # RAS after preprocessing: liver on the right, lungs superior
+            x, _, z = (np.argwhere(label > 0).mean(0) / np.array(shape)).tolist()
+            if item["task"] == "liver":
+                assert x > 0.55, f"liver centroid x fraction {x}"
+            else:
+                assert z > 0.55, f"lung tumor centroid z fraction {z}"
+    assert orders <= {"RAS", "LPS"}
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_per_task"):
+        ensure_mots_synth("unused", num_per_task=0)
+    with pytest.raises(ValueError, match="validation"):
+        ensure_mots_synth("unused", num_val_per_task=-1)
+    with pytest.raises(ValueError, match="fov_mm"):
+        ensure_mots_synth("unused", fov_mm=(10, 10, 10))
+    with pytest.raises(ValueError, match="unknown task"):
+        ensure_mots_synth("unused", tasks="brain")
