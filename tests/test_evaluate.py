@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
@@ -24,7 +25,7 @@ from scripts.evaluate import (
     source_mapping,
 )
 from scripts.metrics import TABLE6_STRUCTURES, spacing_from_affine, structure_metrics, summarize
-from scripts.tasks import merged_label_names
+from scripts.tasks import merged_label_names, resolve_task
 
 SPACING = (0.8, 0.8, 2.5)
 
@@ -373,3 +374,168 @@ def test_real_ct_totalsegmentator_reference(real_ct, tmp_path):
     assert spl["dice_mean"] == pytest.approx(dice, rel=1e-5) and dice < 0.9
     assert spl["hd95_mm_mean"] == pytest.approx(hd95, rel=1e-4) and hd95 >= 3.0
     assert spl["nsd_mean"] == pytest.approx(nsd, rel=1e-5)
+
+
+# ---------------------------------------------------------------- configs/evaluate.json (merged on train.json)
+
+
+class IntensityOracle(torch.nn.Module):
+    """Stands in for a trained DoDNet on tiny_mots volumes: organ = organ or tumor intensity, tumor = tumor
+    intensity dilated by one voxel (26-neighbourhood). Refuses to run without the per-case ``task_id``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(10.0))  # a weight for the strict checkpoint load
+
+    def forward(self, image: torch.Tensor, task_id: torch.Tensor = None) -> torch.Tensor:
+        if task_id is None or task_id.shape != (image.shape[0],):
+            raise ValueError(f"the evaluator must pass one task id per sample, got {task_id}")
+        tumor = ((image > -0.6) & (image < -0.02)).float()
+        organ = ((image > 0.3).float() + tumor).clamp(max=1)
+        tumor = torch.nn.functional.max_pool3d(tumor, 3, stride=1, padding=1)
+        return torch.cat([organ, tumor], dim=1) * 2 * self.logit - self.logit
+
+
+def run_evaluate_config(tmp_path: Path, bundle_root: Path, ckpt: Path, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=[str(bundle_root / "configs" / "train.json"), str(bundle_root / "configs" / "evaluate.json")],
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        bundle_root=str(bundle_root),
+        dataset_dir=str(tmp_path / "data"),
+        datalist=str(tmp_path / "data" / "datalist.json"),
+        ckpt_dir=str(tmp_path / "models"),
+        ckpt_path=str(ckpt),
+        output_dir=str(tmp_path / "eval"),
+        patch_size=[48, 48, 32],  # one window covers a whole 40 x 40 x 20 test volume
+        num_workers=0,
+        network_def={"_target_": "test_evaluate.IntensityOracle"},
+        **overrides,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+
+
+def write_test_split(root: Path, tasks):
+    from tiny_mots import SPACING as TINY_SPACING
+    from tiny_mots import make_case, write_nifti
+
+    items, cases = [], {}
+    for seed, task in enumerate(tasks):
+        image, label = make_case(resolve_task(task), (40, 40, 20), seed)
+        name = f"test_{seed:03d}_{task}"
+        write_nifti(root / "images" / f"{name}.nii.gz", image)
+        write_nifti(root / "labels" / f"{name}.nii.gz", label)
+        items.append({"image": f"images/{name}.nii.gz", "label": f"labels/{name}.nii.gz", "task": task})
+        cases[name] = (image, label)
+    (root / "datalist.json").write_text(json.dumps({"training": items[:1], "validation": items[:1], "test": items}))
+    return cases, TINY_SPACING
+
+
+@pytest.mark.slow
+def test_evaluate_config_scores_each_task_in_its_labeled_channels(tmp_path, bundle_root):
+    if not (bundle_root / "configs" / "train.json").is_file():
+        pytest.skip("configs/evaluate.json is merged on top of configs/train.json, which is absent")
+    tasks = ["liver", "colon", "spleen", "kidney"]
+    cases, spacing = write_test_split(tmp_path / "data", tasks)
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": IntensityOracle().state_dict()}, ckpt)
+
+    run_evaluate_config(tmp_path, bundle_root, ckpt)
+
+    rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    # only the channels each source labels: colon has no organ label, spleen no tumor label
+    assert sorted((r["case"], r["structure"]) for r in rows) == [
+        ("test_000_liver", "liver"),
+        ("test_000_liver", "liver tumor"),
+        ("test_001_colon", "colon tumor"),
+        ("test_002_spleen", "spleen"),
+        ("test_003_kidney", "kidney"),
+        ("test_003_kidney", "kidney tumor"),
+    ]
+    for r in rows:
+        image, label = cases[r["case"]]
+        spec = resolve_task(r["task"])
+        organ_rule, tumor_rule = spec.organ_rule, spec.tumor_rule
+        is_tumor = r["structure"].endswith("tumor")
+        rule = tumor_rule if is_tumor else organ_rule
+        ref = label >= rule.min_value if rule.min_value is not None else label == rule.equals
+        if is_tumor:  # what the oracle predicts: the tumor grown by one voxel in all 26 directions
+            pred = ndimage.binary_dilation(ref, structure=np.ones((3, 3, 3), bool))
+        else:
+            pred = ref
+        dice, hd95, nsd = brute_force(pred, ref, spacing, 2.0)
+        assert r["status"] == "ok"
+        assert float(r["dice"]) == pytest.approx(dice, rel=1e-5), r
+        assert float(r["hd95_mm"]) == pytest.approx(hd95, rel=1e-4), r
+        assert float(r["nsd"]) == pytest.approx(nsd, rel=1e-5), r
+        assert int(r["reference_voxels"]) == int(ref.sum()) and int(r["prediction_voxels"]) == int(pred.sum())
+    tumor_row = next(r for r in rows if r["structure"] == "liver tumor")
+    # a one-voxel dilation: every surface distance lies between one in-plane step and the 3-D diagonal (mm)
+    assert float(tumor_row["dice"]) < 0.6 and 0.8 < float(tumor_row["hd95_mm"]) <= math.hypot(0.8, 0.8, 1.5) + 1e-5
+
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["complete"] and summary["cases"] == 4 and summary["failed"] == []
+    t6 = summary["table6_average"]
+    assert t6["classes"] == ["liver", "liver tumor", "kidney", "kidney tumor", "colon tumor", "spleen"]
+    per = summary["structures"]
+    assert t6["dice"] == pytest.approx(np.mean([per[s]["dice_mean"] for s in t6["classes"]]))
+    assert per["liver"]["dice_mean"] == pytest.approx(1.0) and per["spleen"]["hd95_mm_mean"] == pytest.approx(0.0)
+
+
+def test_evaluate_config_missing_weights_is_a_clear_error(tmp_path, bundle_root):
+    if not (bundle_root / "configs" / "train.json").is_file():
+        pytest.skip("configs/evaluate.json is merged on top of configs/train.json, which is absent")
+    write_test_split(tmp_path / "data", ["spleen"])
+    from scripts.weights import MissingWeightsError
+
+    with pytest.raises(Exception) as err:
+        run_evaluate_config(tmp_path, bundle_root, tmp_path / "absent.pt")
+    chain, e = [], err.value
+    while e is not None:  # MONAI's config wraps errors; the cause is chained
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    missing = [e for e in chain if isinstance(e, MissingWeightsError)]
+    assert missing and str(tmp_path / "absent.pt") in str(missing[0]) and "Get weights by" in str(missing[0])
+    assert not (tmp_path / "eval" / "metrics.csv").exists()
+
+
+def test_metrics_saver_keeps_going_after_a_bad_case(tmp_path):
+    from types import SimpleNamespace
+
+    from monai.data import MetaTensor
+
+    from scripts.evaluation import StructureMetricsSaver
+
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    a, b = shifted_cubes(2, 2)
+    good_pred = MetaTensor(torch.from_numpy(np.stack([a, a])).float(), affine=affine)
+    good_label = MetaTensor(torch.from_numpy(np.stack([b, np.zeros_like(b)])).float(), affine=affine)
+    good_label.meta["filename_or_obj"] = "/data/labels/case_good.nii.gz"
+    bad_label = MetaTensor(torch.zeros(2, 4, 4, 4), affine=affine)
+    bad_label.meta["filename_or_obj"] = "/data/labels/case_bad.nrrd"
+    engine = SimpleNamespace(
+        state=SimpleNamespace(
+            output=[{"pred": good_pred, "label": good_label}, {"pred": good_pred, "label": bad_label}],
+            batch=[{"task_id": torch.tensor(0)}, {"task_id": torch.tensor(0)}],
+            metrics={},
+        )
+    )
+    saver = StructureMetricsSaver(tmp_path / "out")
+    saver.iteration_completed(engine)
+    saver.completed(engine)
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert [(r["case"], r["structure"], r["status"]) for r in rows] == [
+        ("case_good", "liver", "ok"),
+        ("case_good", "liver tumor", "reference_empty"),
+        ("case_bad", "", "error"),
+    ]
+    assert float(rows[0]["dice"]) == pytest.approx(0.5) and float(rows[0]["hd95_mm"]) == pytest.approx(5.0)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"][0]["case"] == "case_bad" and "shape" in summary["failed"][0]["error"]
+    assert engine.state.metrics["table6_mean_dice"] == pytest.approx(0.25)

@@ -1,0 +1,260 @@
+"""The labeled test-set evaluation of ``configs/evaluate.json``: per-case task post-processing and the metrics saver.
+
+Each test case is segmented for its own task only (the evaluator passes the item's ``task_id`` to
+the network), giving binary (organ, tumor) masks (2, H, W, D) on the preprocessed grid
+(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``TaskPostProcessByIdd`` applies the case's
+published post-processing rule; ``StructureMetricsSaver`` scores each channel the case's source
+dataset labels (a channel filled with -1 by ``MapTaskLabelsd`` is skipped) with the shared metrics of
+``scripts.metrics`` (Dice, HD95 in mm, NSD) and writes the per case x structure CSV and the JSON
+summary with the 11-class Table 6 averages, atomically, when the run completes (and, with what it
+has, when the run fails).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Union
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from .evaluate import case_id
+from .inferer import as_bool
+from .label_mapping import UNLABELED
+from .metrics import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    spacing_from_affine,
+    structure_metrics,
+    summarize,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from .postprocessing import apply_post_rule
+from .tasks import resolve_task
+from .weights import load_network_weights
+
+__all__ = ["WeightsLoader", "TaskPostProcessByIdd", "StructureMetricsSaver"]
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsLoader:
+    """Ignite handler: strict load of the trained weights into ``network`` when the run starts.
+
+    A missing file raises ``scripts.weights.MissingWeightsError`` naming the path and how to get
+    weights (train, or convert the authors' checkpoint), before any case is loaded.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: Union[str, Path]) -> None:
+        self.network = network
+        self.path = path
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        load_network_weights(self.network, self.path)
+
+
+def _task_of(value: Any) -> int:
+    return int(torch.as_tensor(value).reshape(-1)[0])
+
+
+class TaskPostProcessByIdd(MapTransform):
+    """The published post-processing of each item's own task on its binary (organ, tumor) masks (2, H, W, D).
+
+    Args:
+        keys: keys of the masks.
+        task_id_key: key of the item's task id (written by ``MapTaskLabelsd``).
+        enabled: False passes the masks through unchanged.
+        connectivity: neighbourhood of connected components (3: 26-neighbourhood).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        task_id_key: str = "task_id",
+        enabled: Union[bool, str] = True,
+        connectivity: int = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.task_id_key = task_id_key
+        self.enabled = as_bool(enabled)
+        self.connectivity = connectivity
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        spec = resolve_task(_task_of(d[self.task_id_key]))
+        for key in self.key_iterator(d):
+            masks = d[key]
+            if masks.shape[0] != 2:
+                raise ValueError(f"{key}: expected (organ, tumor) masks of shape (2, ...), got {tuple(masks.shape)}")
+            organ, tumor = apply_post_rule(masks[0:1], masks[1:2], spec.post, self.connectivity)
+            masks = masks.clone()
+            masks[0:1], masks[1:2] = organ, tumor
+            d[key] = masks
+        return d
+
+
+class StructureMetricsSaver:
+    """Ignite handler: Dice, HD95 (mm) and NSD per case and structure, saved as CSV and JSON summary.
+
+    Reads, per item of each iteration, the binary prediction (2, H, W, D) and the target
+    (2, H, W, D) (-1 = unlabeled channel) from ``engine.state.output`` and the task id from
+    ``engine.state.batch``; voxel spacing comes from the label's affine. A case whose scoring raises
+    is recorded with its error and the run continues. Under ``torch.distributed`` the rows of all
+    ranks are gathered and rank 0 writes.
+
+    Args:
+        output_dir: folder of ``csv_name`` and ``summary_name``.
+        pred_key, label_key: keys in the engine output; task_id_key: key in the engine batch.
+        nsd_tolerance_mm: NSD tolerance in mm.
+        both_empty: ``"exclude"`` or ``"count"`` (see ``scripts.metrics``).
+        threshold: prediction values above it are foreground (the masks are usually already binary).
+        csv_name, summary_name: output file names.
+    """
+
+    def __init__(
+        self,
+        output_dir: Union[str, Path],
+        pred_key: str = "pred",
+        label_key: str = "label",
+        task_id_key: str = "task_id",
+        nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+        both_empty: str = "exclude",
+        threshold: float = 0.5,
+        csv_name: str = "metrics.csv",
+        summary_name: str = "summary.json",
+    ) -> None:
+        if both_empty not in ("exclude", "count"):
+            raise ValueError(f"both_empty must be 'exclude' or 'count', got {both_empty!r}")
+        self.output_dir = Path(output_dir)
+        self.pred_key, self.label_key, self.task_id_key = pred_key, label_key, task_id_key
+        self.nsd_tolerance_mm = float(nsd_tolerance_mm)
+        self.both_empty = both_empty
+        self.threshold = float(threshold)
+        self.csv_name, self.summary_name = csv_name, summary_name
+        self.rows: List[Dict[str, Any]] = []
+        self.failed: List[Dict[str, str]] = []
+        self.summary: Optional[Dict[str, Any]] = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows, self.failed, self.summary = [], [], None
+
+    @staticmethod
+    def _case_name(label: Any, index: int) -> str:
+        meta = getattr(label, "meta", {}) or {}
+        name = meta.get("filename_or_obj")
+        if name:
+            path = Path(str(name))
+            return case_id(path) or path.name
+        return f"case_{index:04d}"
+
+    def score_case(self, pred: torch.Tensor, label: torch.Tensor, task_id: int) -> List[Dict[str, Any]]:
+        """Rows of the labeled structures of one case: pred/label (2, H, W, D), task id of the case."""
+        spec = resolve_task(task_id)
+        if pred.shape != label.shape or pred.shape[0] != 2:
+            raise ValueError(
+                f"expected prediction and label of shape (2, ...), got {tuple(pred.shape)} and {tuple(label.shape)}"
+            )
+        affine = getattr(label, "affine", None)
+        if affine is None:
+            affine = getattr(pred, "affine", None)
+        spacing = spacing_from_affine(affine) if affine is not None else (1.0,) * (pred.dim() - 1)
+        rows = []
+        for structure, channel, _, _ in spec.structures():
+            ref = torch.as_tensor(label[channel]).detach().cpu()
+            if bool((ref <= UNLABELED).all()):
+                continue  # the source dataset does not label this channel
+            p = (torch.as_tensor(pred[channel]).detach().cpu().float() > self.threshold).numpy()
+            r = (ref > 0.5).numpy()
+            rows.append(
+                {"task": spec.name, "structure": structure, **structure_metrics(p, r, spacing, self.nsd_tolerance_mm)}
+            )
+        return rows
+
+    def iteration_completed(self, engine: Any) -> None:
+        outputs, batch = engine.state.output, engine.state.batch
+        if isinstance(outputs, Mapping):  # not decollated: (B, ...) tensors
+            outputs = [{k: v[i] for k, v in outputs.items()} for i in range(len(outputs[self.pred_key]))]
+        if isinstance(batch, Mapping):
+            batch = [{self.task_id_key: t} for t in torch.as_tensor(batch[self.task_id_key]).reshape(-1)]
+        for out, item in zip(outputs, batch):
+            label = out[self.label_key]
+            case = self._case_name(label, len(self.rows) + len(self.failed))
+            try:
+                rows = self.score_case(out[self.pred_key], label, _task_of(item[self.task_id_key]))
+            except Exception as exc:  # one bad case must not lose the others
+                message = f"{type(exc).__name__}: {exc}"
+                logger.error("evaluation of case %s failed: %s", case, message)
+                self.failed.append({"case": case, "error": message})
+                self.rows.append({"case": case, "status": "error", "error": message})
+                continue
+            self.rows.extend({"case": case, **r} for r in rows)
+
+    def _gathered(self) -> tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            parts: List[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, (self.rows, self.failed))
+            rows = [r for p in parts for r in p[0]]
+            failed = [f for p in parts for f in p[1]]
+            return rows, failed, torch.distributed.get_rank() == 0
+        return self.rows, self.failed, True
+
+    def write(self, complete: bool = True) -> Dict[str, Any]:
+        """Write the CSV and the JSON summary of the cases scored so far; returns the summary."""
+        rows, failed, writer = self._gathered()
+        cases = sorted({r["case"] for r in rows})
+        summary: Dict[str, Any] = {
+            "complete": complete,
+            "cases": len(cases),
+            "cases_evaluated": len(cases) - len({f["case"] for f in failed}),
+            "failed": failed,
+            "nsd_tolerance_mm": self.nsd_tolerance_mm,
+            "both_empty": self.both_empty,
+            "grid": "preprocessed (resampled) image grid; distances in mm",
+            **summarize(rows, both_empty=self.both_empty),
+        }
+        if writer:
+            write_csv_atomic(self.output_dir / self.csv_name, rows)
+            write_json_atomic(self.output_dir / self.summary_name, summary)
+            t6 = summary["table6_average"]
+            logger.info(
+                "evaluation of %d case(s): mean Dice %s, HD95 %s mm over %d of 11 classes; written to %s",
+                summary["cases"],
+                "n/a" if t6["dice"] is None else f"{t6['dice']:.4f}",
+                "n/a" if t6["hd95_mm"] is None else f"{t6['hd95_mm']:.2f}",
+                len(t6["classes"]),
+                self.output_dir,
+            )
+        self.summary = summary
+        return summary
+
+    def completed(self, engine: Any) -> None:
+        summary = self.write(complete=True)
+        t6 = summary["table6_average"]
+        if t6["dice"] is not None:
+            engine.state.metrics["table6_mean_dice"] = t6["dice"]
+        if t6["hd95_mm"] is not None:
+            engine.state.metrics["table6_mean_hd95_mm"] = t6["hd95_mm"]
+
+    def exception_raised(self, engine: Any, e: Exception) -> None:
+        if self.rows:
+            self.write(complete=False)
+        raise e
