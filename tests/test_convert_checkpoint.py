@@ -306,3 +306,21 @@ def test_cli_from_bundle_root(official_file, tmp_path, bundle_root):
     assert "converted 111 tensors (17,329,528 parameters)" in proc.stdout
     state = torch.load(dst, map_location="cpu", weights_only=True)
     assert state["controller.fc.weight"].shape == (162, 263)
+
+
+def test_official_weights_override_sets_the_authors_spacing(bundle_root):
+    from monai.bundle import ConfigParser
+    from monai.transforms import Spacingd
+
+    configs = bundle_root / "configs"
+
+    def pixdim(files):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in files])
+        parser["bundle_root"] = str(bundle_root)
+        (spacing,) = [t for t in parser.get_parsed_content("preprocessing_steps") if isinstance(t, Spacingd)]
+        return tuple(float(v) for v in spacing.spacing_transform.pixdim)
+
+    assert pixdim(["inference.json"]) == pytest.approx((0.8, 0.8, 1.5))
+    # authors: 3 x 0.76 x 0.76 mm (slice, row, col) -> MONAI (H, W, D) after RAS reorientation
+    assert pixdim(["inference.json", "official_weights.json"]) == pytest.approx((0.76, 0.76, 3.0))

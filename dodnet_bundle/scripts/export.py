@@ -1,0 +1,130 @@
+"""Export the all-task DoDNet to ONNX (image in, 14 logit channels out) for runtimes without PyTorch.
+
+Exporters such as ONNX, TensorRT and Triton need tensor-only inputs; :class:`AllTasksNetwork` wraps
+:class:`scripts.networks.DoDNet` with ``task_id=None`` so one call returns every task's organ and
+tumor logits. The ONNX graph has a fixed input shape (the sliding-window ROI and batch size it is
+exported for): the legacy exporter bakes shape arithmetic into the graph, and onnxruntime rejects
+any other shape instead of computing a wrong answer. TorchScript needs no wrapper:
+``python -m monai.bundle ckpt_export network_def ...`` scripts the network with its optional
+``task_id``.
+
+Usage (from the bundle root)::
+
+    python -m scripts.export --ckpt_file models/model.pt --filepath models/model.onnx --roi_size "[192,192,64]"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["AllTasksNetwork", "load_weights", "export_onnx"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AllTasksNetwork(nn.Module):
+    """A DoDNet with the task fixed to "all tasks", for exporters that need tensor-only inputs.
+
+    Forward: image (B, C, H, W, D) -> logits (B, 2 * num_tasks, H, W, D); channel ``2k`` is the organ
+    and ``2k + 1`` the tumor logit of task ``k`` (task order of ``scripts.tasks.TASKS``).
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network(image, None)
+
+
+def load_weights(network: nn.Module, ckpt_file: str) -> nn.Module:
+    """Load ``ckpt_file`` (a state dict, or one under ``"model"``) into ``network`` with weights_only=True."""
+    path = Path(ckpt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: refused to load: not a weights-only PyTorch checkpoint: {e}") from e
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: does not fit the configured network_def: {e}") from e
+    return network
+
+
+def export_onnx(
+    filepath: str = "models/model.onnx",
+    ckpt_file: Optional[str] = "models/model.pt",
+    roi_size: Sequence[int] = (192, 192, 64),
+    batch_size: int = 1,
+    opset_version: int = 17,
+    bundle_root: Optional[str] = None,
+    config_file: Optional[str] = None,
+    network_args: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Export the all-task network to ONNX with input ``image`` (batch_size, 1, *roi_size) and output ``pred``.
+
+    Args:
+        filepath: the ONNX file to write (atomically).
+        ckpt_file: weights to load (None exports the randomly initialized network, for tests).
+        roi_size: spatial input size (H, W, D), each divisible by 16; use the sliding-window ROI.
+        batch_size: fixed batch size (the sliding window's ``sw_batch_size``).
+        opset_version: ONNX opset.
+        bundle_root: the bundle folder (default: the folder holding this ``scripts`` package).
+        config_file: config(s) defining ``network_def`` (default ``configs/inference.json``).
+        network_args: overrides of ``network_def`` arguments (e.g. ``{"base_channels": 8}``).
+
+    Returns:
+        the written path.
+    """
+    from scripts.convert_official_checkpoint import build_network
+
+    network = build_network(bundle_root, config_file, network_args=network_args)
+    if ckpt_file:
+        load_weights(network, ckpt_file)
+    model = AllTasksNetwork(network).eval()
+    image = torch.zeros(batch_size, network.in_channels, *[int(s) for s in roi_size])
+    network.check_image(image)  # a clear error for sizes not divisible by 16, before exporting
+    out = Path(filepath)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (image,),
+                tmp,
+                dynamo=False,
+                input_names=["image"],
+                output_names=["pred"],
+                opset_version=opset_version,
+            )
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    print(f"exported {out}: image {tuple(image.shape)} -> pred ({batch_size}, {2 * network.num_tasks}, ...)")
+    return str(out)
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire(export_onnx)
+
+
+if __name__ == "__main__":
+    if str(BUNDLE_ROOT) not in sys.path:
+        sys.path.insert(0, str(BUNDLE_ROOT))
+    main()
