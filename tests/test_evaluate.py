@@ -226,7 +226,10 @@ def test_folder_evaluation_writes_csv_and_summary(tmp_path):
         p, r = make_liver_case(shift)
         save(preds / f"{name}_seg.nii.gz", p)
         save(refs / f"{name}.nii.gz", r)
-    summary = evaluate_folders(preds, refs, out, mapping="source:liver", prediction_suffix="_seg", nsd_tolerance_mm=2.0)
+    # other files inference writes beside the label maps are not cases
+    save(preds / "case_a_liver_mask.nii.gz", make_liver_case(0)[0])
+    (preds / "case_a_report.json").write_text("{}")
+    summary = evaluate_folders(preds, refs, out, mapping="source:liver", nsd_tolerance_mm=2.0)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.json"]  # no temporary files left
     rows = read_csv(out / "metrics.csv")
     assert [(r["case"], r["structure"]) for r in rows] == [
@@ -270,7 +273,7 @@ def test_totalsegmentator_reference(tmp_path):
     pred[ref == 1] = 11
     pred[ref == 7] = 7
     pred[0, 0, 0] = 10  # a false-positive lung tumor: not in the reference mapping, not evaluated
-    save(tmp_path / "p" / "s01.nii.gz", pred)
+    save(tmp_path / "p" / "s01_seg.nii.gz", pred)
     save(tmp_path / "r" / "s01.nii.gz", ref)
     summary = evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", mapping="totalsegmentator")
     dice = {k: v["dice_mean"] for k, v in summary["structures"].items()}
@@ -282,17 +285,19 @@ def test_totalsegmentator_reference(tmp_path):
 
 def test_unpaired_files_are_listed(tmp_path):
     p, r = make_liver_case(0)
-    save(tmp_path / "p" / "a.nii.gz", p)
-    save(tmp_path / "p" / "b.nii.gz", p)
+    save(tmp_path / "p" / "a_seg.nii.gz", p)
+    save(tmp_path / "p" / "b_seg.nii.gz", p)
     save(tmp_path / "r" / "a.nii.gz", r)
     save(tmp_path / "r" / "c.nrrd.nii.gz", r)
     with pytest.raises(ValueError) as err:
         evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", mapping="source:liver")
-    assert "prediction without reference: b.nii.gz" in str(err.value)
+    assert "prediction without reference: b_seg.nii.gz" in str(err.value)
     assert "reference without prediction: c.nrrd.nii.gz" in str(err.value)
     assert not (tmp_path / "o").exists()
     s = evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", mapping="source:liver", allow_unpaired=True)
-    assert s["cases"] == 1 and s["unpaired"] == {"predictions": ["b.nii.gz"], "references": ["c.nrrd.nii.gz"]}
+    assert s["cases"] == 1 and s["unpaired"] == {"predictions": ["b_seg.nii.gz"], "references": ["c.nrrd.nii.gz"]}
+    with pytest.raises(ValueError, match="no prediction/reference pairs .*prediction_suffix '_pred'"):
+        evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", prediction_suffix="_pred", allow_unpaired=True)
 
 
 def test_pairing_rules(tmp_path):
@@ -322,7 +327,7 @@ def test_bad_cases_are_reported_and_the_others_still_scored(tmp_path, capsys):
     (tmp_path / "p" / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not a gzip stream")
     save(tmp_path / "r" / "corrupt.nii.gz", r)
 
-    summary = evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", mapping="source:liver")
+    summary = evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", "source:liver", prediction_suffix="")
     errors = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(errors) == {"shape", "affine", "corrupt"}
     assert "shape.nii.gz: shape (16, 16, 10) differs from reference shape.nii.gz shape (16, 16, 12)" in errors["shape"]
@@ -337,7 +342,17 @@ def test_bad_cases_are_reported_and_the_others_still_scored(tmp_path, capsys):
     }
 
     with pytest.raises(SystemExit) as code:
-        main([str(tmp_path / "p"), str(tmp_path / "r"), str(tmp_path / "cli"), "--mapping", "source:liver"])
+        main(
+            [
+                str(tmp_path / "p"),
+                str(tmp_path / "r"),
+                str(tmp_path / "cli"),
+                "--mapping",
+                "source:liver",
+                "--prediction_suffix",
+                "",
+            ]
+        )
     assert code.value.code == 1
     captured = capsys.readouterr()
     assert "FAILED corrupt" in captured.err and "1/4 case(s) evaluated" in captured.out
@@ -361,7 +376,7 @@ def test_real_ct_totalsegmentator_reference(real_ct, tmp_path):
     pred[ts == 7] = 7
     spleen = ts == 1
     pred[ndimage.binary_erosion(spleen)] = 11  # a spleen one voxel smaller all round
-    save(tmp_path / "p" / "example.nii.gz", pred, img.affine)
+    save(tmp_path / "p" / "example_seg.nii.gz", pred, img.affine)
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "example.nii.gz").symlink_to(src)
     s = evaluate_folders(tmp_path / "p", tmp_path / "r", tmp_path / "o", mapping="totalsegmentator")
@@ -539,3 +554,43 @@ def test_metrics_saver_keeps_going_after_a_bad_case(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["failed"][0]["case"] == "case_bad" and "shape" in summary["failed"][0]["error"]
     assert engine.state.metrics["table6_mean_dice"] == pytest.approx(0.25)
+
+
+def test_evaluate_folders_config(tmp_path, bundle_root):
+    from monai.bundle import ConfigWorkflow
+
+    p, r = make_liver_case(1)
+    save(tmp_path / "p" / "a_seg.nii.gz", p)
+    save(tmp_path / "r" / "a.nii.gz", r)
+
+    def run(**overrides):
+        wf = ConfigWorkflow(
+            config_file=str(bundle_root / "configs" / "evaluate_folders.json"),
+            meta_file=str(bundle_root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            bundle_root=str(bundle_root),
+            prediction_dir=str(tmp_path / "p"),
+            reference_dir=str(tmp_path / "r"),
+            output_dir=str(tmp_path / "o"),
+            mapping="source:liver",
+            **overrides,
+        )
+        wf.initialize()
+        wf.run()
+
+    run()
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["structures"]["liver"]["dice_mean"] == pytest.approx(0.75, rel=1e-5)
+    assert [r["structure"] for r in read_csv(tmp_path / "o" / "metrics.csv")] == ["liver", "liver tumor"]
+
+    (tmp_path / "p" / "b_seg.nii.gz").write_bytes(b"truncated")
+    save(tmp_path / "r" / "b.nii.gz", r)
+    with pytest.raises(Exception) as err:
+        run()
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("1 of 2 case(s) failed" in m and "b_seg.nii.gz: cannot read label map" in m for m in chain)
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["cases_evaluated"] == 1

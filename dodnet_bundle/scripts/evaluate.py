@@ -20,6 +20,9 @@ a preset name, a dict, a JSON string or the path of a JSON file:
 
 Cases pair by file name: the case id is the name without its extension (``.nii.gz``, ``.nii``,
 ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) and without ``prediction_suffix`` / ``reference_suffix``.
+``prediction_suffix`` defaults to ``"_seg"``: the bundle's inference writes ``<case>_seg.nii.gz``
+beside other files (``<case>_<structure>_mask.nii.gz``, reports, previews), which are then ignored;
+pass ``prediction_suffix=""`` for predictions named exactly like the references.
 Unpaired files are an error listing all of them (before any work) unless ``allow_unpaired``.
 Prediction and reference must share shape and affine (within ``affine_tolerance`` mm); a case that
 cannot be read or does not match is recorded with its error and the other cases are still scored.
@@ -28,7 +31,12 @@ Metrics and the scoring of empty masks are defined in ``scripts/metrics.py``.
 Command line (from the bundle root)::
 
     python -m scripts.evaluate PREDICTIONS REFERENCES OUTPUT_DIR [--mapping totalsegmentator]
-        [--nsd_tolerance_mm 2] [--allow_unpaired] [--prediction_suffix _seg]
+        [--nsd_tolerance_mm 2] [--allow_unpaired] [--prediction_suffix ""]
+
+or through the bundle config ``configs/evaluate_folders.json``::
+
+    python -m monai.bundle run --config_file configs/evaluate_folders.json \
+        --prediction_dir PREDICTIONS --reference_dir REFERENCES --mapping totalsegmentator
 
 It writes ``OUTPUT_DIR/metrics.csv`` (one row per case x structure) and ``OUTPUT_DIR/summary.json``
 (per-structure statistics and the 11-class Table 6 averages) and exits with 1 when a case failed.
@@ -328,11 +336,12 @@ def evaluate_folders(
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     both_empty: str = "exclude",
     allow_unpaired: bool = False,
-    prediction_suffix: str = "",
+    prediction_suffix: str = "_seg",
     reference_suffix: str = "",
     affine_tolerance: float = 1e-3,
     csv_name: str = "metrics.csv",
     summary_name: str = "summary.json",
+    fail_on_error: bool = False,
 ) -> Dict[str, Any]:
     """Evaluate every prediction against its reference and write ``metrics.csv`` and ``summary.json``.
 
@@ -345,9 +354,11 @@ def evaluate_folders(
         nsd_tolerance_mm: NSD tolerance in mm (default 2 mm).
         both_empty: ``"exclude"`` or ``"count"``: how a structure absent from both enters the means.
         allow_unpaired: evaluate the paired cases and list unpaired files in the summary instead of failing.
-        prediction_suffix / reference_suffix: removed from the file stem to get the case id (e.g. ``"_seg"``).
+        prediction_suffix / reference_suffix: removed from the file stem to get the case id; files without it
+            are ignored (default ``"_seg"`` for predictions, as inference names them; ``""`` for none).
         affine_tolerance: largest allowed absolute difference between the two affines (mm).
         csv_name / summary_name: output file names.
+        fail_on_error: after writing the outputs, raise ``RuntimeError`` listing the failed cases, if any.
 
     Returns:
         the summary written to ``summary.json`` (also lists failed cases with their errors).
@@ -374,7 +385,10 @@ def evaluate_folders(
             + "\n".join(lines)
         )
     if not pairs:
-        raise ValueError(f"no prediction/reference pairs between {prediction_dir} and {reference_dir}")
+        raise ValueError(
+            f"no prediction/reference pairs between {prediction_dir} and {reference_dir} (prediction_suffix "
+            f"{prediction_suffix!r}, reference_suffix {reference_suffix!r}; files pair by name without these suffixes)"
+        )
 
     rows: List[Dict[str, Any]] = []
     failed: List[Dict[str, str]] = []
@@ -405,6 +419,9 @@ def evaluate_folders(
     }
     write_csv_atomic(output_dir / csv_name, rows)
     write_json_atomic(output_dir / summary_name, summary)
+    if failed and fail_on_error:
+        lines = "\n".join(f"  {f['case']}: {f['error']}" for f in failed)
+        raise RuntimeError(f"{len(failed)} of {len(pairs)} case(s) failed (others written to {output_dir}):\n{lines}")
     return summary
 
 
@@ -435,7 +452,7 @@ def _cli(
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     both_empty: str = "exclude",
     allow_unpaired: bool = False,
-    prediction_suffix: str = "",
+    prediction_suffix: str = "_seg",
     reference_suffix: str = "",
     affine_tolerance: float = 1e-3,
 ) -> None:
