@@ -555,6 +555,15 @@ def test_metrics_saver_keeps_going_after_a_bad_case(tmp_path):
     assert summary["failed"][0]["case"] == "case_bad" and "shape" in summary["failed"][0]["error"]
     assert engine.state.metrics["table6_mean_dice"] == pytest.approx(0.25)
 
+    # a run that dies later still leaves what was scored, marked incomplete, and the error propagates
+    saver.reset()
+    saver.iteration_completed(engine)
+    (tmp_path / "out" / "summary.json").unlink()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        saver.exception_raised(engine, RuntimeError("out of memory"))
+    partial = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert partial["complete"] is False and partial["structures"]["liver"]["dice_mean"] == pytest.approx(0.5)
+
 
 def test_evaluate_folders_config(tmp_path, bundle_root):
     from monai.bundle import ConfigWorkflow
