@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from eval_oracle import IntensityOracle  # noqa: E402  (tests/ is on sys.path under pytest)
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
@@ -394,23 +395,6 @@ def test_real_ct_totalsegmentator_reference(real_ct, tmp_path):
 # ---------------------------------------------------------------- configs/evaluate.json (merged on train.json)
 
 
-class IntensityOracle(torch.nn.Module):
-    """Stands in for a trained DoDNet on tiny_mots volumes: organ = organ or tumor intensity, tumor = tumor
-    intensity dilated by one voxel (26-neighbourhood). Refuses to run without the per-case ``task_id``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logit = torch.nn.Parameter(torch.tensor(10.0))  # a weight for the strict checkpoint load
-
-    def forward(self, image: torch.Tensor, task_id: torch.Tensor = None) -> torch.Tensor:
-        if task_id is None or task_id.shape != (image.shape[0],):
-            raise ValueError(f"the evaluator must pass one task id per sample, got {task_id}")
-        tumor = ((image > -0.6) & (image < -0.02)).float()
-        organ = ((image > 0.3).float() + tumor).clamp(max=1)
-        tumor = torch.nn.functional.max_pool3d(tumor, 3, stride=1, padding=1)
-        return torch.cat([organ, tumor], dim=1) * 2 * self.logit - self.logit
-
-
 def run_evaluate_config(tmp_path: Path, bundle_root: Path, ckpt: Path, **overrides):
     from monai.bundle import ConfigWorkflow
 
@@ -427,7 +411,7 @@ def run_evaluate_config(tmp_path: Path, bundle_root: Path, ckpt: Path, **overrid
         output_dir=str(tmp_path / "eval"),
         patch_size=[48, 48, 32],  # one window covers a whole 40 x 40 x 20 test volume
         num_workers=0,
-        network_def={"_target_": "test_evaluate.IntensityOracle"},
+        network_def={"_target_": "eval_oracle.IntensityOracle"},
         **overrides,
     )
     wf.initialize()
@@ -603,3 +587,40 @@ def test_evaluate_folders_config(tmp_path, bundle_root):
         e = e.__cause__ or e.__context__
     assert any("1 of 2 case(s) failed" in m and "b_seg.nii.gz: cannot read label map" in m for m in chain)
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["cases_evaluated"] == 1
+
+
+@pytest.mark.slow
+def test_multi_gpu_evaluate_config_two_cpu_processes(tmp_path, bundle_root):
+    """torchrun with 2 gloo processes: each scores its share, rank 0 writes every case once."""
+    import os
+    import subprocess
+    import sys
+
+    if not (bundle_root / "configs" / "train.json").is_file():
+        pytest.skip("configs/evaluate.json is merged on top of configs/train.json, which is absent")
+    write_test_split(tmp_path / "data", ["liver", "colon", "spleen"])
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": IntensityOracle().state_dict()}, ckpt)
+    configs = [str(bundle_root / "configs" / f) for f in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", repr(configs)]
+    cmd += ["--meta_file", str(bundle_root / "configs" / "metadata.json")]
+    cmd += ["--logging_file", str(bundle_root / "configs" / "logging.conf"), "--bundle_root", str(bundle_root)]
+    cmd += ["--dataset_dir", str(tmp_path / "data"), "--datalist", str(tmp_path / "data" / "datalist.json")]
+    cmd += ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0"]
+    cmd += ["--patch_size", "[48, 48, 32]", "--network_def", "{'_target_': 'eval_oracle.IntensityOracle'}"]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(bundle_root)]), OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_csv(tmp_path / "eval" / "metrics.csv")
+    assert sorted((r["case"], r["structure"]) for r in rows) == [
+        ("test_000_liver", "liver"),
+        ("test_000_liver", "liver tumor"),
+        ("test_001_colon", "colon tumor"),
+        ("test_002_spleen", "spleen"),
+    ]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == 3
+    assert not list((tmp_path / "eval").glob("*_rank*"))

@@ -207,19 +207,26 @@ class StructureMetricsSaver:
                 continue
             self.rows.extend({"case": case, **r} for r in rows)
 
-    def _gathered(self) -> tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
+    def _gathered(self, gather: bool) -> tuple[List[Dict[str, Any]], List[Dict[str, str]], bool, str]:
+        """Rows and failures of all ranks (``gather``) or of this one; whether to write; a file-name suffix."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            parts: List[Any] = [None] * world
+            rank = torch.distributed.get_rank()
+            if not gather:  # e.g. after an exception on this rank only: a collective call could hang
+                return self.rows, self.failed, True, f"_rank{rank}"
+            parts: List[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, (self.rows, self.failed))
             rows = [r for p in parts for r in p[0]]
             failed = [f for p in parts for f in p[1]]
-            return rows, failed, torch.distributed.get_rank() == 0
-        return self.rows, self.failed, True
+            return rows, failed, rank == 0, ""
+        return self.rows, self.failed, True, ""
 
-    def write(self, complete: bool = True) -> Dict[str, Any]:
-        """Write the CSV and the JSON summary of the cases scored so far; returns the summary."""
-        rows, failed, writer = self._gathered()
+    def write(self, complete: bool = True, gather: bool = True) -> Dict[str, Any]:
+        """Write the CSV and the JSON summary of the cases scored so far (all ranks' when ``gather``).
+
+        Under ``torch.distributed`` without ``gather`` each rank writes its own files with a ``_rank<r>``
+        suffix. Returns the summary.
+        """
+        rows, failed, writer, suffix = self._gathered(gather)
         cases = sorted({r["case"] for r in rows})
         summary: Dict[str, Any] = {
             "complete": complete,
@@ -232,8 +239,9 @@ class StructureMetricsSaver:
             **summarize(rows, both_empty=self.both_empty),
         }
         if writer:
-            write_csv_atomic(self.output_dir / self.csv_name, rows)
-            write_json_atomic(self.output_dir / self.summary_name, summary)
+            csv_path, json_path = Path(self.csv_name), Path(self.summary_name)
+            write_csv_atomic(self.output_dir / f"{csv_path.stem}{suffix}{csv_path.suffix}", rows)
+            write_json_atomic(self.output_dir / f"{json_path.stem}{suffix}{json_path.suffix}", summary)
             t6 = summary["table6_average"]
             logger.info(
                 "evaluation of %d case(s): mean Dice %s, HD95 %s mm over %d of 11 classes; written to %s",
@@ -256,5 +264,5 @@ class StructureMetricsSaver:
 
     def exception_raised(self, engine: Any, e: Exception) -> None:
         if self.rows:
-            self.write(complete=False)
+            self.write(complete=False, gather=False)
         raise e
