@@ -37,7 +37,7 @@ def make_case(spec: TaskSpec, shape: Sequence[int] = (40, 40, 20), seed: int = 0
     body = tuple(slice(2, s - 2) for s in shape)
     image[body] = 40.0
     size = [max(4, s // 3) for s in shape]
-    start = [int(rng.integers(3, s - z - 3)) for s, z in zip(shape, size)]
+    start = [int(rng.integers(2, max(3, s - z - 1))) for s, z in zip(shape, size)]
     organ = np.zeros(shape, dtype=bool)
     organ[tuple(slice(a, a + z) for a, z in zip(start, size))] = True
     tumor = np.zeros(shape, dtype=bool)

@@ -40,6 +40,15 @@ def _blank(value: Optional[PathLike]) -> bool:
     return value is None or str(value).strip() == ""
 
 
+def _itk() -> Any:
+    """The ``itk`` module with the parts used here loaded (ITK's lazy loading is not thread-safe)."""
+    import itk
+
+    for name in ("ImageIOFactory", "CommonEnums", "imread", "GetArrayViewFromImage"):
+        getattr(itk, name)
+    return itk
+
+
 def read_header(path: Path) -> Tuple[Tuple[int, ...], np.ndarray]:
     """Grid of an image file without reading its voxels (ITK, as the training loader).
 
@@ -47,8 +56,7 @@ def read_header(path: Path) -> Tuple[Tuple[int, ...], np.ndarray]:
         ``(shape, affine)``: the spatial size in file order and the 4x4 index-to-physical (LPS, mm)
         matrix built from spacing, direction and origin.
     """
-    import itk
-
+    itk = _itk()
     io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
         raise ValueError("no ITK reader recognises this file format")
@@ -77,8 +85,7 @@ def _fmt(values: np.ndarray) -> str:
 
 
 def _label_values(path: Path) -> np.ndarray:
-    import itk
-
+    itk = _itk()
     return np.unique(itk.GetArrayViewFromImage(itk.imread(str(path))))
 
 
@@ -216,6 +223,7 @@ def load_datalist(
         index, item = args
         return _check_item(index, item, base, require_label, check_values)
 
+    _itk()
     with ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
         results = list(pool.map(check, enumerate(items)))
     bad: List[str] = []

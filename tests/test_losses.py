@@ -1,0 +1,99 @@
+"""PartialLabelDiceBCELoss: Dice + BCE on labeled (sample, channel) pairs only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.losses import PartialLabelDiceBCELoss
+
+
+def _reference(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original formula for one sample and channel, written out with plain torch ops."""
+    p = torch.sigmoid(logit)
+    dice = 1 - 2 * (p * target).sum() / (p.sum() + target.sum() + 1)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    return dice + bce
+
+
+def _batch(seed=0, shape=(2, 2, 6, 5, 4)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g)
+    target = (torch.rand(shape, generator=g) > 0.6).float()
+    return logits, target
+
+
+def test_matches_the_published_formula():
+    logits, target = _batch()
+    target[1, 0] = -1  # sample 1 does not label the organ
+    loss = PartialLabelDiceBCELoss()(logits, target)
+    organ = _reference(logits[0, 0], target[0, 0])
+    tumor = (_reference(logits[0, 1], target[0, 1]) + _reference(logits[1, 1], target[1, 1])) / 2
+    assert torch.allclose(loss, (organ + tumor) / 2, atol=1e-5)
+
+
+def test_unlabeled_channel_gets_exactly_zero_gradient():
+    logits, target = _batch(1)
+    target[0, 1] = -1  # sample 0: tumor unlabeled (spleen-like)
+    target[1, 0] = -1  # sample 1: organ unlabeled (colon-like)
+    logits.requires_grad_(True)
+    loss = PartialLabelDiceBCELoss()(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.count_nonzero(logits.grad[0, 1]) == 0
+    assert torch.count_nonzero(logits.grad[1, 0]) == 0
+    assert torch.count_nonzero(logits.grad[0, 0]) > 0 and torch.count_nonzero(logits.grad[1, 1]) > 0
+
+
+def test_unlabeled_logits_do_not_change_the_loss():
+    logits, target = _batch(2)
+    target[1, 1] = -1
+    other = logits.clone()
+    other[1, 1] = 1000.0  # extreme values where the channel is unlabeled
+    loss_fn = PartialLabelDiceBCELoss()
+    assert torch.equal(loss_fn(logits, target), loss_fn(other, target))
+
+
+def test_channel_without_labeled_sample_is_dropped():
+    logits, target = _batch(3)
+    target[:, 0] = -1  # no sample labels the organ (a colon + lung batch)
+    loss = PartialLabelDiceBCELoss()(logits, target)
+    tumor = (_reference(logits[0, 1], target[0, 1]) + _reference(logits[1, 1], target[1, 1])) / 2
+    assert torch.allclose(loss, tumor, atol=1e-5)
+
+
+def test_all_unlabeled_batch_raises_a_clear_error():
+    logits, target = _batch(4)
+    target[:] = -1
+    with pytest.raises(ValueError, match="no labeled channel in this batch"):
+        PartialLabelDiceBCELoss()(logits, target)
+
+
+def test_partly_marked_channel_is_rejected():
+    logits, target = _batch(5)
+    target[0, 1] = -1
+    target[0, 1, :2] = 0  # e.g. a pad with 0 after mapping
+    with pytest.raises(ValueError, match=r"pairs \[\(0, 1\)\] mix unlabeled"):
+        PartialLabelDiceBCELoss()(logits, target)
+
+
+def test_empty_foreground_and_half_precision_give_finite_values():
+    logits, target = _batch(6)
+    target[:] = 0  # labeled, but no foreground anywhere
+    half = logits.half().requires_grad_(True)
+    loss = PartialLabelDiceBCELoss()(half, target)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.isfinite(half.grad.float()).all()
+
+
+def test_weights_and_shape_check():
+    logits, target = _batch(7)
+    dice_only = PartialLabelDiceBCELoss(bce_weight=0.0)(logits, target)
+    bce_only = PartialLabelDiceBCELoss(dice_weight=0.0)(logits, target)
+    both = PartialLabelDiceBCELoss()(logits, target)
+    assert torch.allclose(dice_only + bce_only, both, atol=1e-6)
+    assert torch.allclose(bce_only, F.binary_cross_entropy_with_logits(logits, target), atol=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        PartialLabelDiceBCELoss()(logits, target[:, :1])
