@@ -1,4 +1,4 @@
-"""Finding the checkpoint a killed or interrupted training run resumes from."""
+"""Resuming training: the checkpoint a killed run restarts from, and a best-model saver whose tracking survives."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["LAST_CHECKPOINT_PATTERN", "latest_checkpoint"]
+from monai.handlers import CheckpointSaver
+
+__all__ = ["LAST_CHECKPOINT_PATTERN", "latest_checkpoint", "BestModelSaver"]
 
 LAST_CHECKPOINT_PATTERN = r"^checkpoint_epoch=(\d+)\.pt$"
 """Names written by ``CheckpointSaver(save_interval=1, epoch_level=True)`` without ``file_prefix``."""
@@ -35,3 +37,17 @@ def latest_checkpoint(ckpt_dir: Union[str, os.PathLike], pattern: str = LAST_CHE
         if zipfile.is_zipfile(path):
             return str(path)
     return None
+
+
+class BestModelSaver(CheckpointSaver):
+    """``CheckpointSaver`` of the best key-metric model whose tracking state can be checkpointed.
+
+    MONAI's saver can restore which score is the best so far (``load_state_dict``) but only by
+    storing it inside the best model file, which would then no longer be a plain ``state_dict``.
+    ``state_dict()`` lets the epoch checkpoint carry it instead, so a resumed run does not
+    overwrite ``model.pt`` with a worse model.
+    """
+
+    def state_dict(self) -> Dict[str, Any]:
+        checkpoint = self._key_metric_checkpoint
+        return checkpoint.state_dict() if checkpoint is not None else {"saved": []}

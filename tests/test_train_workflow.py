@@ -1,0 +1,254 @@
+"""configs/train.json and configs/multi_gpu_train.json on tiny synthetic NIfTI data (CPU).
+
+Subprocess runs use ``python -m monai.bundle run`` exactly as users do, with a 4-wide DoDNet and
+[32, 32, 16] patches; each takes seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+from tiny_mots import write_tiny_mots
+
+from scripts.datalist import DatalistError
+from scripts.label_mapping import UNLABELED
+from scripts.networks import DoDNet
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "dodnet_bundle"
+TRAIN = BUNDLE_ROOT / "configs" / "train.json"
+MULTI_GPU = BUNDLE_ROOT / "configs" / "multi_gpu_train.json"
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_mots")
+    write_tiny_mots(root, shape=(40, 40, 20))
+    return root
+
+
+def _overrides(tmp: Path, data: Path, **extra: Any) -> Dict[str, Any]:
+    values: Dict[str, Any] = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(data),
+        "ckpt_dir": str(tmp / "models"),
+        "output_dir": str(tmp / "eval"),
+        "epochs": 1,
+        "val_interval": 1,
+        "patch_size": [32, 32, 16],
+        "batch_size": 4,
+        "num_workers": 0,
+        "network_def#base_channels": 4,
+    }
+    values.update(extra)
+    return values
+
+
+def _cli(overrides: Dict[str, Any]) -> List[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # two test processes share two cores
+    return env
+
+
+def _bundle_run(overrides: Dict[str, Any], config: str = str(TRAIN)) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config] + _cli(overrides)
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+
+
+def _load(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _epoch(checkpoint: Dict[str, Any]) -> int:
+    """The trainer epoch stored in a checkpoint (ignite saves iterations and the epoch length)."""
+    return checkpoint["trainer"]["iteration"] // checkpoint["trainer"]["epoch_length"]
+
+
+def _poly_lr(epoch: int, epochs: int, base: float = 0.01) -> float:
+    return base * (1 - epoch / epochs) ** 0.9
+
+
+@pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, MULTI_GPU]], ids=["train", "multi_gpu_train"])
+def test_check_properties(tmp_path, tiny_data, configs, monkeypatch):
+    if MULTI_GPU in configs:  # a one-process gloo group, as torchrun would set up
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    workflow = ConfigWorkflow(
+        config_file=[str(c) for c in configs],
+        workflow_type="train",
+        logging_file=False,
+        **_overrides(tmp_path, tiny_data, dist_backend="gloo"),
+    )
+    workflow.initialize()
+    try:
+        assert workflow.check_properties() == []
+    finally:
+        workflow.finalize()
+
+
+def test_training_pipeline_keeps_the_unlabeled_marker(tmp_path, tiny_data):
+    """Pad (patch larger than the volume), crop, zoom and flips act on the source label; -1 survives intact."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(_overrides(tmp_path, tiny_data, patch_size=[48, 48, 32]))
+    parser.update({"train#augmentations#0#prob": 1.0})  # always zoom (0.7-1.4, zero padding when zooming out)
+    items = {item["task"]: item for item in parser.get_parsed_content("train#datalist")}
+    transform = parser.get_parsed_content("train#preprocessing")
+    for task, unlabeled_channel in (("colon", 0), ("lung", 0), ("spleen", 1), ("liver", None)):
+        for _ in range(3):
+            out = transform(items[task])[0]  # RandCropByPosNegLabeld returns a list of crops
+            image, target = out["image"], out["label"]
+            assert image.shape == (1, 48, 48, 32) and target.shape == (2, 48, 48, 32)
+            assert out["task_id"] == {"colon": 4, "lung": 5, "spleen": 6, "liver": 0}[task]
+            for channel in (0, 1):
+                values = set(torch.unique(target[channel]).tolist())
+                if channel == unlabeled_channel:
+                    assert values == {UNLABELED}, f"{task}: channel {channel} must stay all -1"
+                else:
+                    assert values <= {0.0, 1.0}, f"{task}: channel {channel} has {values}"
+
+
+def test_bad_datalist_fails_before_training(tmp_path, tiny_data):
+    datalist = json.loads((tiny_data / "datalist.json").read_text())
+    datalist["training"][1]["task"] = "brain"
+    datalist["training"][2]["image"] = "imagesTr/missing.nii.gz"
+    (tmp_path / "bad.json").write_text(json.dumps(datalist))
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(_overrides(tmp_path, tiny_data, datalist=str(tmp_path / "bad.json")))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("train#trainer")
+    error = info.value
+    while error is not None and not isinstance(error, DatalistError):
+        error = error.__cause__
+    assert isinstance(error, DatalistError), f"expected a DatalistError, got {info.value!r}"
+    assert "2 of 7 items are unusable" in str(error)
+    assert "unknown task 'brain'" in str(error) and "missing.nii.gz" in str(error)
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_one_tiny_epoch_through_bundle_run(tmp_path, tiny_data):
+    result = _bundle_run(_overrides(tmp_path, tiny_data))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    last = _load(tmp_path / "models" / "checkpoint_epoch=1.pt")
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model_saver"}
+    assert len(next(iter(last["best_model_saver"].values()))) == 1  # the best model's (score, name) record
+    assert _epoch(last) == 1 and last["lr_scheduler"]["last_epoch"] == 1
+    group = last["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.99 and group["nesterov"] is True and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(_poly_lr(1, 1))
+    best = _load(tmp_path / "models" / "model.pt")
+    network = DoDNet(base_channels=4)
+    network.load_state_dict(best)  # a plain state_dict of the bare DoDNet (Model Zoo convention), strict
+    for name in ("val_mean_dice", "val_dice_liver", "val_dice_liver_tumor", "val_dice_colon_tumor"):
+        assert f"{name}: " in log, f"{name} not logged"
+    assert "val_dice_spleen" not in log  # no spleen case in the validation split: not reported
+    assert list((tmp_path / "eval").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path, tiny_data):
+    """Kill a 2-epoch run during epoch 2; the next start restores epoch, LR schedule, optimizer and weights."""
+    overrides = _overrides(tmp_path, tiny_data, epochs=2, val_interval=100, batch_size=2)  # 4 iterations/epoch
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(TRAIN)] + _cli(overrides)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, log, killed = time.monotonic() + RUN_TIMEOUT_S, [], False
+    try:
+        for line in proc.stdout:
+            log.append(line)
+            if "Epoch: 2/2, Iter: 1/4" in line:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        if not killed:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert killed, "".join(log)[-4000:]
+    ckpt_dir = tmp_path / "models"
+    assert sorted(p.name for p in ckpt_dir.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
+    saved = _load(ckpt_dir / "checkpoint_epoch=1.pt")
+
+    # the restored state, seen from a handler that runs right after the resume loader
+    workflow = ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", logging_file=False, **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    for handler in workflow.parser.get_parsed_content("train#checkpoint_handlers"):
+        handler.attach(trainer)
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    scheduler = workflow.parser.get_parsed_content("lr_scheduler")
+    network = workflow.parser.get_parsed_content("network")
+    seen: Dict[str, Any] = {}
+
+    @trainer.on(Events.STARTED)
+    def probe(engine):
+        seen["epoch"] = engine.state.epoch
+        seen["optimizer"] = optimizer.state_dict()
+        seen["scheduler"] = scheduler.state_dict()
+        seen["model"] = {k: v.clone() for k, v in network.state_dict().items()}
+        engine.terminate()
+
+    trainer.run()
+    assert seen["epoch"] == 1
+    assert seen["scheduler"]["last_epoch"] == 1
+    assert seen["optimizer"]["param_groups"][0]["lr"] == pytest.approx(_poly_lr(1, 2))
+    assert seen["optimizer"]["param_groups"][0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
+    momentum = {k: v["momentum_buffer"] for k, v in seen["optimizer"]["state"].items()}
+    assert momentum and all(
+        torch.equal(v, saved["optimizer"]["state"][k]["momentum_buffer"]) for k, v in momentum.items()
+    )
+    assert all(torch.equal(v, saved["model"][k]) for k, v in seen["model"].items())
+
+    # the same command again finishes the interrupted epoch 2 only
+    result = _bundle_run(overrides)
+    log2 = result.stdout + result.stderr
+    assert result.returncode == 0, log2[-4000:]
+    assert f"Restored all variables from {ckpt_dir / 'checkpoint_epoch=1.pt'}" in log2
+    assert "Epoch: 2/2, Iter: 4/4" in log2 and "Epoch: 1/2" not in log2
+    final = _load(ckpt_dir / "checkpoint_epoch=2.pt")
+    assert _epoch(final) == 2 and final["lr_scheduler"]["last_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, tiny_data):
+    overrides = _overrides(tmp_path, tiny_data, batch_size=2)
+    config = json.dumps([str(TRAIN), str(MULTI_GPU)])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "--config_file", config, "--dist_backend", "gloo",
+    ] + _cli(overrides)  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    last = _load(tmp_path / "models" / "checkpoint_epoch=1.pt")
+    assert _epoch(last) == 1
+    assert not any(k.startswith("module.") for k in last["model"]), "DDP wrapper leaked into the checkpoint"
+    # 7 training items over 2 ranks (4 each, padded), batch 2 -> 2 iterations per rank
+    assert "Epoch: 1/1, Iter: 2/2" in log and log.count("Saved checkpoint at epoch: 1") == 1
