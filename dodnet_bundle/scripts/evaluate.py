@@ -12,7 +12,10 @@ a preset name, a dict, a JSON string or the path of a JSON file:
 - ``"merged"`` (default): this bundle's merged label map. Organs are evaluated as the whole organ
   channel of their task, i.e. including the task's tumor where the source dataset labels the tumor
   inside the organ (liver = ids {1, 2}, kidney = {3, 4}, pancreas = {7, 8}); vessels, tumors and
-  spleen are their own id. These are the channels the paper's Table 6 scores.
+  spleen are their own id. These are the channels the paper's Table 6 scores. A merged map holds one
+  id per voxel (``tasks.MERGE_PRECEDENCE``: vessels are painted over the liver, tumors over organs),
+  so a liver voxel labeled as hepatic vessel is not liver here; for a whole-liver comparison pass
+  e.g. ``prediction_mapping={"liver": [1, 2, 5, 6]}``.
 - ``"totalsegmentator"``: TotalSegmentator v2 "total" ids: liver 5, spleen 1, kidney 2 + 3 (right +
   left), pancreas 7; other structures are not evaluated.
 - ``"source:<task>"`` (e.g. ``"source:liver"`` for LiTS, ``"source:kidney"`` for KiTS19): the task's
@@ -426,14 +429,15 @@ def evaluate_folders(
 
 
 def _format_table(summary: Mapping[str, Any]) -> str:
-    def fmt(v: Optional[float], scale: float = 1.0) -> str:
-        return "   n/a" if v is None else f"{v * scale:6.2f}"
+    def fmt(v: Optional[float], scale: float = 1.0, missing: str = "n/a") -> str:
+        return missing if v is None else f"{v * scale:6.2f}"
 
-    lines = [f"{'structure':<22}{'Dice %':>8}{'HD95 mm':>9}{'NSD %':>8}{'cases':>7}"]
+    lines = [f"{'structure':<22}{'Dice %':>8}{'HD95 mm':>9}{'NSD %':>8}{'cases':>7}{'HD95 inf':>9}"]
     for name, s in summary["structures"].items():
+        hd_missing = "inf" if s["hd95_infinite"] else "n/a"
         lines.append(
-            f"{name:<22}{fmt(s['dice_mean'], 100):>8}{fmt(s['hd95_mm_mean']):>9}{fmt(s['nsd_mean'], 100):>8}"
-            f"{s['scored']:>7}"
+            f"{name:<22}{fmt(s['dice_mean'], 100):>8}{fmt(s['hd95_mm_mean'], 1.0, hd_missing):>9}"
+            f"{fmt(s['nsd_mean'], 100):>8}{s['scored']:>7}{s['hd95_infinite']:>9}"
         )
     t6 = summary["table6_average"]
     lines.append(
