@@ -624,3 +624,22 @@ def test_multi_gpu_evaluate_config_two_cpu_processes(tmp_path, bundle_root):
     ]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cases"] == 3
     assert not list((tmp_path / "eval").glob("*_rank*"))
+
+
+def test_load_label_map_rejects_bad_maps(tmp_path):
+    from scripts.evaluate import load_label_map
+
+    fractional = tmp_path / "fractional.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), AFFINE), str(fractional))
+    with pytest.raises(ValueError, match="fractional.nii.gz: label map holds non-integer values"):
+        load_label_map(fractional)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.uint8), np.eye(4)), str(flat))
+    with pytest.raises(ValueError, match=r"flat.nii.gz: expected a 3-D label map, got shape \(4, 4\)"):
+        load_label_map(flat)
+    with pytest.raises(FileNotFoundError, match="absent.nrrd: file not found"):
+        load_label_map(tmp_path / "absent.nrrd")
+    whole = tmp_path / "whole.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 3.0, np.float32), AFFINE), str(whole))
+    labels, affine = load_label_map(whole)
+    assert labels.dtype == np.int32 and (labels == 3).all() and np.allclose(affine, AFFINE)

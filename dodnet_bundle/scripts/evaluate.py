@@ -251,7 +251,7 @@ def load_label_map(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     """Read a 3-D integer label map (NIfTI, NRRD, MetaImage).
 
     Returns:
-        ``(labels (H, W, D) int64, affine (4, 4) RAS float64)``.
+        ``(labels (H, W, D) in the file's integer dtype (int32 for float files), affine (4, 4) RAS float64)``.
 
     Raises:
         ValueError: naming the file when it cannot be read, is not 3-D or holds non-integer values.
@@ -272,8 +272,9 @@ def load_label_map(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.rint(arr)):
             raise ValueError(f"{path}: label map holds non-integer values (dtype {arr.dtype})")
+        arr = arr.astype(np.int32)
     affine = np.asarray(img.affine, dtype=np.float64)
-    return arr.astype(np.int64, copy=False), affine
+    return arr, affine
 
 
 def check_geometry(
