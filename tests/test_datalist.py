@@ -127,3 +127,15 @@ def test_tiny_mots_datalist_is_valid(tmp_path):
         ["liver", "kidney", "hepatic_vessel", "pancreas", "colon", "lung", "spleen"]
     )
     assert len(load_datalist(path, split="validation")) == 2
+
+
+def test_without_data_the_synthetic_default_is_generated_once(tmp_path):
+    options = {"num_per_task": 1, "num_val_per_task": 1, "num_test_per_task": 0, "tasks": ["liver", "colon"]}
+    training = load_datalist(split="training", cache_dir=tmp_path, synth_options=options)
+    assert sorted(i["task"] for i in training) == ["colon", "liver"]
+    assert all(Path(i["image"]).is_file() and Path(i["image"]).is_relative_to(tmp_path) for i in training)
+    stamp = {i["image"]: Path(i["image"]).stat().st_mtime_ns for i in training}
+    validation = load_datalist(split="validation", cache_dir=tmp_path, synth_options=options)
+    assert len(validation) == 2
+    again = load_datalist(split="training", cache_dir=tmp_path, synth_options=options)
+    assert again == training and {i["image"]: Path(i["image"]).stat().st_mtime_ns for i in again} == stamp

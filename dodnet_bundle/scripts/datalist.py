@@ -164,6 +164,7 @@ def load_datalist(
     require_label: bool = True,
     check_values: bool = True,
     num_workers: int = 2,
+    synth_options: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Read one split of a datalist and validate all its items; raise one error listing every bad item.
 
@@ -183,6 +184,7 @@ def load_datalist(
         require_label: items must have a label (False for inference-only lists).
         check_values: read every label and check its values against the task's source set.
         num_workers: threads reading headers and labels.
+        synth_options: keyword arguments of ``ensure_mots_synth`` (e.g. ``num_per_task``, ``seed``).
 
     Returns:
         the items as dicts with absolute ``image``/``label`` paths and the canonical ``task`` name
@@ -196,7 +198,7 @@ def load_datalist(
             raise DatalistError("no dataset_dir and no datalist given, and no cache_dir to generate MOTS-synth into")
         from .synth import ensure_mots_synth
 
-        datalist_path = Path(ensure_mots_synth(str(cache_dir)))
+        datalist_path = Path(ensure_mots_synth(str(cache_dir), **(synth_options or {})))
         base = datalist_path.parent
     elif _blank(dataset_dir):
         datalist_path = Path(os.path.expanduser(str(datalist)))
