@@ -175,7 +175,11 @@ class StructureMetricsSaver:
         affine = getattr(label, "affine", None)
         if affine is None:
             affine = getattr(pred, "affine", None)
-        spacing = spacing_from_affine(affine) if affine is not None else (1.0,) * (pred.dim() - 1)
+        if affine is not None:
+            spacing = spacing_from_affine(affine)
+        else:
+            spacing = (1.0,) * (pred.dim() - 1)
+            logger.warning("no affine on the label or prediction: HD95 and NSD are in voxels, not mm")
         rows = []
         for structure, channel, _, _ in spec.structures():
             ref = torch.as_tensor(label[channel]).detach().cpu()
