@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny_mots import SPACING, write_nifti, write_tiny_mots
 
-from scripts.datalist import DatalistError, load_datalist, read_header
+from scripts.datalist import DatalistError, load_datalist, nifti_truncation, read_header
 
 SHAPE = (12, 12, 6)
 
@@ -70,12 +70,23 @@ def test_every_bad_item_is_listed_in_one_error(tmp_path):
     assert "has no 'task'" in lines[6]
 
 
-def test_corrupt_label_file_is_named(tmp_path):
+def test_corrupt_and_truncated_files_are_named(tmp_path):
     good = _write_pair(tmp_path, "good", (0, 1))
     (tmp_path / "broken_lab.nii.gz").write_bytes(b"not a nifti file at all")
-    path = _datalist(tmp_path, {"training": [{"image": good["image"], "label": "broken_lab.nii.gz", "task": "lung"}]})
-    with pytest.raises(DatalistError, match=r"item 0 .*(cannot read|no ITK reader)"):
-        load_datalist(path)
+    write_nifti(tmp_path / "big_img.nii.gz", np.random.default_rng(0).integers(-1000, 1000, SHAPE, np.int16))
+    data = (tmp_path / "big_img.nii.gz").read_bytes()
+    (tmp_path / "cut_img.nii.gz").write_bytes(data[: len(data) // 2])  # ITK would read it, zero-filling half
+    items = [
+        {"image": good["image"], "label": "broken_lab.nii.gz", "task": "lung"},
+        {"image": "cut_img.nii.gz", "label": good["label"], "task": "lung"},
+    ]
+    with pytest.raises(DatalistError) as info:
+        load_datalist(_datalist(tmp_path, {"training": items}))
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 2
+    assert "item 0" in lines[0] and "cannot read the label header of" in lines[0] and "broken_lab.nii.gz" in lines[0]
+    assert "item 1" in lines[1] and "cut_img.nii.gz is truncated" in lines[1]
+    assert nifti_truncation(tmp_path / "big_img.nii.gz") is None
 
 
 @pytest.mark.parametrize(
@@ -139,3 +150,15 @@ def test_without_data_the_synthetic_default_is_generated_once(tmp_path):
     assert len(validation) == 2
     again = load_datalist(split="training", cache_dir=tmp_path, synth_options=options)
     assert again == training and {i["image"]: Path(i["image"]).stat().st_mtime_ns for i in again} == stamp
+
+
+def test_multi_member_gzip_is_not_mistaken_for_truncation(tmp_path):
+    import gzip
+
+    write_nifti(tmp_path / "whole.nii", np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE))
+    raw = (tmp_path / "whole.nii").read_bytes()
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    assert nifti_truncation(tmp_path / "whole.nii") is None
+    assert nifti_truncation(tmp_path / "members.nii.gz") is None
+    (tmp_path / "short.nii").write_bytes(raw[:-10])
+    assert "is truncated" in nifti_truncation(tmp_path / "short.nii")

@@ -11,8 +11,10 @@ generates (once) and uses the synthetic MOTS-synth data of ``scripts.synth``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -21,7 +23,7 @@ import numpy as np
 
 from .tasks import TaskSpec, resolve_task
 
-__all__ = ["DatalistError", "load_datalist", "read_header", "DEFAULT_DATALIST_NAME"]
+__all__ = ["DatalistError", "load_datalist", "read_header", "nifti_truncation", "DEFAULT_DATALIST_NAME"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -84,6 +86,38 @@ def _fmt(values: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in np.ravel(values)) + ")"
 
 
+def nifti_truncation(path: Path) -> Optional[str]:
+    """Why a NIfTI file is shorter than its header says (a cut-off download or copy), or None.
+
+    ITK reads such files without error and fills the missing part with zeros. The check reads the
+    header and, for ``.nii.gz``, the gzip trailer (the uncompressed size modulo 2**32, the last 4
+    bytes); only when that disagrees with the header (also the case for multi-member gzip files) is
+    the stream decompressed to count its bytes. Other formats are not checked.
+    """
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if not name.endswith(".gz"):
+        size = path.stat().st_size
+        return f"{path} is truncated: {size} bytes, the header needs {expected}" if size < expected else None
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2**32:
+            return None
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        return f"{path} is truncated or corrupt: {err}"
+    return f"{path} is truncated: {total} bytes of data, the header needs {expected}" if total < expected else None
+
+
 def _label_values(path: Path) -> np.ndarray:
     itk = _itk()
     return np.unique(itk.GetArrayViewFromImage(itk.imread(str(path))))
@@ -112,6 +146,7 @@ def _check_item(
         except ValueError as err:
             problems.append(str(err))
     paths: Dict[str, Path] = {}
+    headers: Dict[str, Tuple[Tuple[int, ...], np.ndarray]] = {}
     for key in ("image", "label"):
         if key not in item or _blank(item[key]):
             if key == "image" or require_label:
@@ -121,19 +156,26 @@ def _check_item(
         out[key] = str(path)
         if not path.exists():
             problems.append(f"{key} file not found: {path}")
+            continue
+        if path.is_dir():
+            paths[key] = path
+            continue
+        try:
+            headers[key] = read_header(path)
+            truncation = nifti_truncation(path)
+        except Exception as err:  # a corrupt or unreadable header
+            problems.append(f"cannot read the {key} header of {path}: {err}")
+            continue
+        if truncation:
+            problems.append(truncation)
         else:
             paths[key] = path
-    if len(paths) == 2 and not any(p.is_dir() for p in paths.values()):
-        try:
-            headers = {key: read_header(path) for key, path in paths.items()}
-        except Exception as err:  # a corrupt or unreadable header
-            problems.append(f"cannot read the image/label header: {err}")
-        else:
-            (img_shape, img_affine), (lab_shape, lab_affine) = headers["image"], headers["label"]
-            if img_shape != lab_shape:
-                problems.append(f"image shape {img_shape} differs from label shape {lab_shape}")
-            elif not np.allclose(img_affine, lab_affine, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL_MM):
-                problems.append(f"image and label grids differ: image {_grid(img_affine)}, label {_grid(lab_affine)}")
+    if len(headers) == 2:
+        (img_shape, img_affine), (lab_shape, lab_affine) = headers["image"], headers["label"]
+        if img_shape != lab_shape:
+            problems.append(f"image shape {img_shape} differs from label shape {lab_shape}")
+        elif not np.allclose(img_affine, lab_affine, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL_MM):
+            problems.append(f"image and label grids differ: image {_grid(img_affine)}, label {_grid(lab_affine)}")
     if check_values and spec is not None and "label" in paths and not paths["label"].is_dir() and not problems:
         try:
             values = _label_values(paths["label"])
