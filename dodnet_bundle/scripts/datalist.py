@@ -99,8 +99,8 @@ def nifti_truncation(path: Path) -> Optional[str]:
         return None
     import nibabel as nib
 
-    header = nib.load(str(path)).header
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    proxy = nib.load(str(path)).dataobj  # the array proxy knows where the voxels start (header, extensions)
+    expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
     if not name.endswith(".gz"):
         size = path.stat().st_size
         return f"{path} is truncated: {size} bytes, the header needs {expected}" if size < expected else None
