@@ -42,6 +42,14 @@ def demo() -> None:
     main()
 
 
+def evaluate() -> None:
+    """``dodnet-evaluate PRED_DIR REF_DIR OUT_DIR [--mapping ...]``: score predictions (scripts.evaluate)."""
+    bundle_root()
+    from scripts.evaluate import main
+
+    main()
+
+
 def prepare_mots() -> None:
     """``dodnet-prepare-mots``: build a datalist from the public dataset folders (scripts.prepare_mots)."""
     bundle_root()
