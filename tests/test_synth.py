@@ -27,14 +27,14 @@ from scripts.transforms import ct_preprocessing
 # plausible contrast-enhanced CT HU ranges of each structure's median (noise and texture included)
 HU_RANGES = {
     "liver": (80, 130),
-    "hepatic_vessel": (150, 230),
+    "hepatic_vessel": (150, 260),
     "kidney": (100, 210),
-    "pancreas": (40, 110),  # thin and lobulated: partial volume with the surrounding fat
+    "pancreas": (30, 100),  # partial volume with the surrounding fat
     "spleen": (100, 160),
     "lung": (-900, -700),
     "liver_tumor": (20, 180),
     "lung_tumor": (-450, 70),  # small nodules: many voxels share partial volume with the lung
-    "pancreas_tumor": (10, 60),
+    "pancreas_tumor": (0, 60),
 }
 
 

@@ -11,11 +11,11 @@ background in another and cannot fit the labels; DoDNet's task prior resolves it
 
 Geometry: the phantom is defined in millimetres and sampled on an anisotropic grid (in-plane
 spacing 0.7-0.9 mm, slice spacing 1.5-2.5 mm), stored as NIfTI (int16 HU images, uint8 labels) with
-a proper affine, in RAS or LPS storage order. The default field of view (51.2 x 51.2 x 48 mm)
-becomes about 64 x 64 x 32 voxels after the bundle's resampling to 0.8 x 0.8 x 1.5 mm, so a
+a proper affine, in RAS or LPS storage order. The default field of view (50.4 x 50.4 x 46.5 mm)
+becomes at most 64 x 64 x 32 voxels (one network window) after the bundle's resampling to 0.8 x 0.8 x 1.5 mm, so a
 reduced-width DoDNet trains on it in minutes on a laptop CPU. Intensities are plausible contrast-
 enhanced CT values: air -1000, lung about -800, fat about -100, soft tissue 30-60, liver about 100,
-spleen about 130, kidney cortex and vessels 170-200, bone 400+; tumors are hypo- or hyper-dense;
+pancreas about 70, spleen about 140, kidney cortex about 200, enhanced vessels 180-250, bone 250-800; tumors are hypo- or hyper-dense;
 organ shapes, sizes, positions and textures are random and Gaussian noise is added.
 
 ``ensure_mots_synth`` generates a data set once into a cache folder and returns its datalist.
@@ -50,7 +50,7 @@ __all__ = [
     "ensure_mots_synth",
 ]
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 """Bumped whenever the generator's output changes, so stale caches are regenerated."""
 
 STRUCTURES: Tuple[str, ...] = (
@@ -82,7 +82,7 @@ TASK_STRUCTURES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
 (LiTS counts vessels and tumors inside the liver as liver; MSD Task08's tumors are liver tumors).
 Whether a task labels the organ and/or the tumor, and with which values, comes from ``TASKS``."""
 
-DEFAULT_FOV_MM = (51.2, 51.2, 48.0)
+DEFAULT_FOV_MM = (50.4, 50.4, 46.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,14 +199,14 @@ def make_phantom(
         rng: the random generator (the only source of randomness: same state, same phantom).
         spacing: voxel size in mm along x (right), y (anterior), z (superior).
         fov_mm: field of view in mm; the grid has ``round(fov / spacing)`` voxels per axis.
-        noise_hu: standard deviation of the Gaussian noise (random in 8-18 HU when None).
+        noise_hu: standard deviation of the Gaussian noise (random in 5-12 HU when None).
 
     Returns:
         a ``Phantom`` with an (X, Y, Z) float32 HU image and its structure map.
     """
     spacing = tuple(float(s) for s in spacing)
     shape = tuple(max(16, int(round(f / s))) for f, s in zip(fov_mm, spacing))
-    offset = rng.uniform(-2.0, 2.0, size=3)
+    offset = rng.uniform(-1.5, 1.5, size=3)
     pts = _grid(shape, spacing, offset)
     scale = rng.uniform(0.92, 1.08)
     sigma_vox = [3.0 / s for s in spacing]
@@ -226,7 +226,7 @@ def make_phantom(
     cavity = (pts[..., 0] / (ax - 4.0)) ** 2 + (pts[..., 1] / (ay - 4.0)) ** 2 < 1.0
     painter.paint(body, u(-110, -90), texture_hu=10)
     painter.paint(inner, u(40, 60), texture_hu=8)
-    painter.paint(cavity, u(-90, -60), texture_hu=45)
+    painter.paint(cavity, u(-90, -70), texture_hu=25)
 
     # distractors: vertebral body (bone), aorta and vena cava (contrast-enhanced)
     spine_c = jitter((0.0, -ay / scale + 5.5, 0.0), 0.5)
@@ -260,55 +260,55 @@ def make_phantom(
     kz = u(-10.0, -4.0)
     for side in (1.0, -1.0):
         center = jitter((side * 8.5, -ay / scale + 8.0, kz))
-        radii = scale * np.array([3.8, 5.0, 7.5]) * u(0.88, 1.12, size=3)
+        radii = scale * np.array([4.6, 6.0, 8.5]) * u(0.9, 1.1, size=3)
         angle = side * u(0.1, 0.4)
         kidneys.append((center, radii, angle))
-        painter.paint(_ellipsoid(pts, center, radii, angle, bumps, 0.08) & cavity, u(170, 200), "kidney", texture_hu=8)
-        painter.paint(_ellipsoid(pts, center, 0.55 * radii, angle, bumps, 0.08) & cavity, u(110, 140), "kidney")
+        painter.paint(_ellipsoid(pts, center, radii, angle, bumps, 0.08) & cavity, u(185, 210), "kidney", texture_hu=6)
+        painter.paint(_ellipsoid(pts, center, 0.55 * radii, angle, bumps, 0.08) & cavity, u(135, 155), "kidney")
     # spleen (left, posterior-lateral)
     spleen = _ellipsoid(
         pts,
         jitter((-14.0, -4.5, u(2.0, 7.0))),
-        scale * np.array([4.0, 7.0, 6.5]) * u(0.88, 1.12, size=3),
+        scale * np.array([5.0, 8.0, 7.5]) * u(0.9, 1.1, size=3),
         u(0.3, 0.8),
         bumps,
         0.12,
     )
-    painter.paint(spleen & cavity, u(120, 140), "spleen", texture_hu=6)
+    painter.paint(spleen & cavity, u(135, 150), "spleen", texture_hu=5)
 
     # liver (right, superior): large, moderately enhanced; hepatic vessel tree and tumors inside
     liver_c = jitter((9.0, 1.0, u(4.0, 8.0)))
     liver_radii = scale * np.array([11.0, 12.0, 8.0]) * u(0.9, 1.1, size=3)
     liver = _ellipsoid(pts, liver_c, liver_radii, u(-0.2, 0.2), bumps, 0.15) & cavity
-    painter.paint(liver, u(95, 115), "liver", texture_hu=7)
+    painter.paint(liver, u(95, 110), "liver", texture_hu=5)
     liver = painter.region("liver")
     hilum = liver_c + scale * np.array([-4.0, -2.0, -2.0])
     vessels = np.zeros(shape, dtype=bool)
-    for _ in range(rng.integers(3, 6)):
+    for _ in range(rng.integers(3, 5)):
         target = _pick_inside(rng, pts, liver, 2.0, spacing)
         middle = 0.5 * (hilum + target) + rng.uniform(-2.0, 2.0, size=3)
-        r0 = scale * u(2.0, 2.6)
+        r0 = scale * u(2.4, 3.0)
         vessels |= _tube(pts, [hilum, middle, target], [r0, 0.85 * r0])
-    painter.paint(vessels & liver, u(180, 210), "hepatic_vessel")
+    painter.paint(vessels & liver, u(220, 250), "hepatic_vessel")
     for _ in range(rng.integers(1, 4)):
         c = _pick_inside(rng, pts, liver, 3.0, spacing)
-        hu = u(30, 60) if u() < 0.7 else u(145, 165)
+        hu = u(30, 55) if u() < 0.7 else u(160, 175)
         region = painter.region("liver") | painter.region("hepatic_vessel")
         painter.paint((np.linalg.norm(pts - c, axis=-1) < scale * u(2.0, 4.0)) & region, hu, "liver_tumor", 10)
 
     # pancreas: a lobulated curved tube from the splenic hilum to the head, with a hypodense tumor
     pz = u(-5.0, -2.0)
     pancreas_path = [jitter(p, 1.0) for p in ((-10.0, -1.0, pz + 1.0), (0.0, 3.0, pz), (4.0, 2.0, pz - 2.0))]
-    pancreas_r = scale * u(2.4, 3.0)
+    pancreas_r = scale * u(3.0, 3.6)
     pancreas = np.zeros(shape, dtype=bool)
     for a, b in zip(pancreas_path[:-1], pancreas_path[1:]):
         pancreas |= _segment_distance(pts, a, b) < pancreas_r * (1.0 + 0.18 * bumps)
-    painter.paint(pancreas & cavity & painter.free(), u(75, 95), "pancreas", texture_hu=18)
+    painter.paint(pancreas & cavity & painter.free(), u(60, 75), "pancreas", texture_hu=8)
     t = u(0.2, 0.8)
     seg = rng.integers(2)
     tumor_c = pancreas_path[seg] + t * (pancreas_path[seg + 1] - pancreas_path[seg])
     pancreas_tumor = (np.linalg.norm(pts - tumor_c, axis=-1) < scale * u(2.2, 3.0)) & cavity
-    painter.paint(pancreas_tumor & painter.free("pancreas"), u(25, 45), "pancreas_tumor", texture_hu=8)
+    painter.paint(pancreas_tumor & painter.free("pancreas"), u(10, 30), "pancreas_tumor", texture_hu=6)
 
     # kidney tumor at the surface of one kidney (may be exophytic)
     center, radii, angle = kidneys[rng.integers(2)]
@@ -331,7 +331,7 @@ def make_phantom(
 
     # partial-volume blur and scanner noise
     image = ndimage.gaussian_filter(painter.image, sigma=[0.45 / s for s in spacing])
-    sigma = u(8.0, 18.0) if noise_hu is None else float(noise_hu)
+    sigma = u(5.0, 12.0) if noise_hu is None else float(noise_hu)
     image = image + sigma * rng.standard_normal(shape).astype(np.float32)
     return Phantom(image.astype(np.float32), painter.structures, spacing)
 
