@@ -26,6 +26,8 @@ __all__ = [
     "merged_label_names",
     "merged_label_colors",
     "merged_structures",
+    "MERGE_PRECEDENCE",
+    "merge_precedence",
 ]
 
 
@@ -208,3 +210,29 @@ def merged_label_colors() -> Dict[int, Tuple[int, int, int]]:
     colors = {0: (0, 0, 0)}
     colors.update({mid: color for mid, _, _, _, color in merged_structures()})
     return colors
+
+
+# Painting order of the merged label map where structures overlap (later wins): organs from large to
+# small (so hepatic vessels stay visible inside the liver), then every tumor on top of every organ.
+# Per-structure masks (inference option) keep the overlaps.
+MERGE_PRECEDENCE: Tuple[str, ...] = (
+    "liver",
+    "spleen",
+    "kidney",
+    "pancreas",
+    "hepatic vessel",
+    "hepatic vessel tumor",
+    "liver tumor",
+    "pancreas tumor",
+    "kidney tumor",
+    "colon tumor",
+    "lung tumor",
+)
+
+
+def merge_precedence() -> Tuple[int, ...]:
+    """Merged ids in painting order (lowest precedence first); covers every structure exactly once."""
+    by_name = {name: mid for mid, name, _, _, _ in merged_structures()}
+    if sorted(MERGE_PRECEDENCE) != sorted(by_name):
+        raise RuntimeError(f"MERGE_PRECEDENCE {MERGE_PRECEDENCE} does not list the structures {sorted(by_name)}")
+    return tuple(by_name[name] for name in MERGE_PRECEDENCE)

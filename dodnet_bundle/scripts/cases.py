@@ -1,0 +1,235 @@
+"""Inference inputs: finding the cases, naming them and rejecting bad files with a clear message.
+
+A case is a NIfTI/NRRD/MetaImage file or a DICOM series folder. ``find_cases`` turns the config's
+``input`` (a file, a folder of such files and DICOM series folders, or a list of both) into
+``[{"image": path, "case": name}, ...]``; a path that does not exist stays a case so that the run
+reports it as failed and still processes the others. ``check_input`` catches empty, truncated and
+corrupt files and wrong dimensionality from the header, before the long work; ``CheckCTImaged``
+(after loading) rejects images that are not single-channel 3-D volumes and warns when the
+intensities do not look like Hounsfield units.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import warnings
+import zlib
+from pathlib import Path
+from typing import Dict, Hashable, List, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "BadInputError",
+    "NonCTIntensityWarning",
+    "find_cases",
+    "case_name",
+    "check_input",
+    "CheckCTImaged",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+PathLike = Union[str, os.PathLike]
+
+
+class BadInputError(ValueError):
+    """An input case that cannot be segmented; the message names the file and the problem."""
+
+
+class NonCTIntensityWarning(UserWarning):
+    """The image's intensities do not look like CT in Hounsfield units (the case is still segmented)."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
+
+
+def case_name(path: PathLike) -> str:
+    """The case name: the file name without its image suffix, or the DICOM folder's name."""
+    p = Path(path)
+    suffix = _suffix(p)
+    return p.name[: len(p.name) - len(suffix)] if suffix else p.name
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    return path.is_dir() and any(f.is_file() and _is_dicom(f) for f in path.iterdir())
+
+
+def find_cases(input: Union[PathLike, Sequence[PathLike]]) -> List[Dict[str, str]]:
+    """Expand the ``input`` of the inference config into cases.
+
+    Args:
+        input: a file, a DICOM series folder, a folder holding image files and/or DICOM series
+            folders (not searched deeper), or a list of any of these.
+
+    Returns:
+        ``[{"image": path, "case": unique name}, ...]`` in input order (folders sorted by name).
+
+    Raises:
+        BadInputError: when ``input`` is empty or a folder holds no image and no DICOM series.
+    """
+    items = [input] if isinstance(input, (str, os.PathLike)) else list(input)
+    if not items:
+        raise BadInputError("no input given: pass a file, a folder or a list of files")
+    paths: List[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir() and not _is_dicom_folder(p):
+            found = [c for c in sorted(p.iterdir()) if (c.is_file() and _suffix(c)) or _is_dicom_folder(c)]
+            if not found:
+                raise BadInputError(
+                    f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)"
+                )
+            paths.extend(found)
+        else:
+            paths.append(p)  # a file, a DICOM folder, or a missing path reported when it is processed
+    cases, used = [], set()
+    for p in paths:
+        name = case_name(p)
+        base, n = name, 1
+        while name in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name)
+        cases.append({"image": str(p), "case": name})
+    return cases
+
+
+def check_input(path: PathLike) -> None:
+    """Reject a case that cannot be read, from cheap checks before loading.
+
+    Checks: the path exists; a file is not empty; a gzip stream is complete and uncorrupted; a
+    NIfTI header is readable, describes a 3-D volume and its data fits the file; a folder holds
+    DICOM files.
+
+    Raises:
+        BadInputError: naming the file and the problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{p}: does not exist")
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file()]
+        if not files:
+            raise BadInputError(f"{p}: empty folder (expected a DICOM series)")
+        if not any(_is_dicom(f) for f in files):
+            raise BadInputError(f"{p}: no DICOM files in this folder (expected a DICOM series)")
+        return
+    size = p.stat().st_size
+    if size == 0:
+        raise BadInputError(f"{p}: empty file (0 bytes)")
+    suffix = _suffix(p)
+    if p.name.lower().endswith(".gz"):
+        _check_gzip(p)
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti(p)
+
+
+def _check_gzip(p: Path) -> None:
+    try:
+        with gzip.open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise BadInputError(f"{p}: corrupt or truncated gzip file ({e})") from None
+
+
+def _check_nifti(p: Path) -> None:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise BadInputError(f"{p}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    shape = tuple(int(s) for s in img.shape)
+    spatial = shape[:3] if len(shape) > 3 and all(s == 1 for s in shape[3:]) else shape
+    if len(spatial) < 3:
+        raise BadInputError(f"{p}: is a {len(spatial)}-D image of shape {shape}; DoDNet needs a 3-D CT volume")
+    if len(spatial) > 3:
+        raise BadInputError(
+            f"{p}: is a {len(spatial)}-D image of shape {shape}; DoDNet needs one 3-D CT volume "
+            "(split time series or multi-channel images into 3-D files)"
+        )
+    if not p.name.lower().endswith(".gz"):
+        header = img.header
+        needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+        if p.stat().st_size < needed:
+            raise BadInputError(f"{p}: truncated file ({p.stat().st_size} bytes, the header needs {needed})")
+
+
+class CheckCTImaged(MapTransform):
+    """After loading: require a single-channel 3-D volume (1, H, W, D); warn about non-CT intensities.
+
+    Args:
+        keys: image keys (channel-first tensors with metadata, as ``LoadImaged`` gives them).
+        min_air_hu: an image whose minimum is above this has no air or fat: warn (not HU?).
+        min_max_hu: an image whose maximum is below this has no soft tissue: warn.
+
+    Raises:
+        BadInputError: for 2-D, 4-D or multi-channel images, naming the file.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        min_air_hu: float = -100.0,
+        min_max_hu: float = 0.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.min_air_hu = min_air_hu
+        self.min_max_hu = min_max_hu
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            source = _source_name(img, key)
+            shape = tuple(img.shape)
+            if img.dim() != 4:
+                raise BadInputError(
+                    f"{source}: is a {img.dim() - 1}-D image (shape {shape[1:]}, channel first {shape}); "
+                    "DoDNet needs a 3-D CT volume"
+                )
+            if shape[0] != 1:
+                raise BadInputError(
+                    f"{source}: has {shape[0]} channels or time points (shape {shape}); "
+                    "DoDNet needs one single-channel 3-D CT volume"
+                )
+            low, high = float(img.min()), float(img.max())
+            if low > self.min_air_hu or high < self.min_max_hu:
+                message = (
+                    f"{source}: intensities [{low:g}, {high:g}] do not look like CT in Hounsfield units "
+                    "(no air/fat below "
+                    f"{self.min_air_hu:g} HU or no tissue above {self.min_max_hu:g} HU); the segmentation may be "
+                    "meaningless (MR, PET, or CT stored without rescale slope/intercept?)"
+                )
+                logger.warning(message)
+                warnings.warn(message, NonCTIntensityWarning, stacklevel=2)
+        return d
+
+
+def _source_name(img: torch.Tensor, key: Hashable) -> str:
+    meta = getattr(img, "meta", {}) or {}
+    name = meta.get("filename_or_obj")
+    return str(name) if name else f"image {key!s}"
