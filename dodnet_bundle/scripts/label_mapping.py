@@ -57,6 +57,8 @@ class MapTaskLabelsd(MapTransform):
             ``source_values`` (e.g. a KiTS label given as spleen).
         allow_missing_keys: don't raise if ``label_key`` is absent (inference data without labels);
             the task id is still written.
+        default_task: task (name or id) of items without ``task_key``, e.g. the image/label pairs that
+            MONAI Label's training sends; None (default) requires every item to name its task.
 
     Raises:
         ValueError: unknown task, a label that is not single-channel, or values outside the task's set.
@@ -69,6 +71,7 @@ class MapTaskLabelsd(MapTransform):
         task_id_key: str = "task_id",
         check_values: bool = True,
         allow_missing_keys: bool = False,
+        default_task: Optional[Any] = None,
     ) -> None:
         keys: KeysCollection = [label_key]
         super().__init__(keys, allow_missing_keys)
@@ -76,14 +79,18 @@ class MapTaskLabelsd(MapTransform):
         self.task_key = task_key
         self.task_id_key = task_id_key
         self.check_values = check_values
+        self.default_task = None if default_task in (None, "") else resolve_task(default_task)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         label = d.get(self.label_key)
-        if self.task_key not in d:
-            raise ValueError(f"item of {label_source_name(label)} has no {self.task_key!r} key (the task name or id)")
+        if self.task_key not in d and self.default_task is None:
+            raise ValueError(
+                f"item of {label_source_name(label)} has no {self.task_key!r} key (the task name or id) "
+                "and no default_task is configured"
+            )
         try:
-            spec = resolve_task(d[self.task_key])
+            spec = resolve_task(d[self.task_key]) if self.task_key in d else self.default_task
         except ValueError as err:
             raise ValueError(f"{label_source_name(label)}: {err}") from None
         d[self.task_id_key] = spec.id
