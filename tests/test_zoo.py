@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,6 +247,23 @@ def test_train_workflow_properties(bundle_root, tmp_path):
     assert missing == [], f"train workflow lacks required properties: {missing}"
 
 
+def test_infer_workflow_properties(bundle_root, tmp_path):
+    from tiny_mots import make_case, write_nifti
+
+    from scripts.tasks import resolve_task
+
+    image, _ = make_case(resolve_task("liver"), (40, 40, 20))
+    write_nifti(tmp_path / "data" / "case_000.nii.gz", image)
+    overrides = {
+        "bundle_root": str(tmp_path / "run"),
+        "dataset_dir": str(tmp_path / "data"),
+        "patch_size": [32, 32, 16],
+        "network_def#base_channels": TINY["base_channels"],
+    }
+    missing = _workflow_properties(bundle_root, "infer", ["inference.json"], overrides, tmp_path)
+    assert missing == [], f"infer workflow lacks required properties: {missing}"
+
+
 # ---- release zip ----------------------------------------------------------------------------------------
 
 
@@ -385,3 +403,33 @@ def test_download_from_local_http_then_run_network(bundle_root, tiny_checkpoint,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SHAPE (1, 14, 32, 32, 16)" in proc.stdout
+
+    # full inference with the downloaded bundle's own inference.json, as a user would run it
+    import nibabel as nib
+    from tiny_mots import make_case, write_nifti
+
+    from scripts.tasks import resolve_task
+
+    image, _ = make_case(resolve_task("kidney"), (40, 40, 20))
+    write_nifti(tmp_path / "cases" / "case_007.nii.gz", image)
+    _monai_bundle(
+        downloaded,
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(tmp_path / "cases"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--patch_size",
+        "[32, 32, 16]",
+        "--network_def#base_channels",
+        "8",
+        "--progress",
+        "False",
+        cwd=downloaded,
+    )
+    seg = nib.load(str(tmp_path / "out" / "case_007_seg.nii.gz"))
+    src = nib.load(str(tmp_path / "cases" / "case_007.nii.gz"))
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= set(range(12))
