@@ -231,6 +231,7 @@ def test_resume_after_sigkill(tmp_path, tiny_data):
     assert result.returncode == 0, log2[-4000:]
     assert f"Restored all variables from {ckpt_dir / 'checkpoint_epoch=1.pt'}" in log2
     assert "Epoch: 2/2, Iter: 4/4" in log2 and "Epoch: 1/2" not in log2
+    assert sorted(p.name for p in ckpt_dir.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=2.pt"]  # one kept
     final = _load(ckpt_dir / "checkpoint_epoch=2.pt")
     assert _epoch(final) == 2 and final["lr_scheduler"]["last_epoch"] == 2
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from monai.handlers import CheckpointSaver
 
-__all__ = ["LAST_CHECKPOINT_PATTERN", "latest_checkpoint", "BestModelSaver"]
+__all__ = ["LAST_CHECKPOINT_PATTERN", "latest_checkpoint", "BestModelSaver", "LastCheckpointSaver"]
 
 LAST_CHECKPOINT_PATTERN = r"^checkpoint_epoch=(\d+)\.pt$"
 """Names written by ``CheckpointSaver(save_interval=1, epoch_level=True)`` without ``file_prefix``."""
@@ -51,3 +51,21 @@ class BestModelSaver(CheckpointSaver):
     def state_dict(self) -> Dict[str, Any]:
         checkpoint = self._key_metric_checkpoint
         return checkpoint.state_dict() if checkpoint is not None else {"saved": []}
+
+
+class LastCheckpointSaver(CheckpointSaver):
+    """``CheckpointSaver`` of the full training state every ``save_interval`` epochs that keeps one file.
+
+    MONAI's saver removes only the files it wrote itself, so each resume of a killed run would leave
+    the checkpoint it resumed from behind. After saving epoch N this saver also removes older
+    ``checkpoint_epoch=K.pt`` files (K < N) in ``save_dir``. Arguments are ``CheckpointSaver``'s
+    (``epoch_level`` must stay True and ``file_prefix`` empty so the names match ``latest_checkpoint``).
+    """
+
+    def interval_completed(self, engine: Any) -> None:
+        super().interval_completed(engine)
+        regex = re.compile(LAST_CHECKPOINT_PATTERN)
+        for path in Path(self.save_dir).iterdir():
+            match = regex.match(path.name)
+            if match and int(match.group(1)) < engine.state.epoch:
+                path.unlink(missing_ok=True)
