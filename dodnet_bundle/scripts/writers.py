@@ -155,8 +155,8 @@ class SegmentationWriter:
         for k, spec in enumerate(self.tasks):
             for name, ch, _, _ in spec.structures():
                 channel = data[key][2 * k + ch : 2 * k + ch + 1]
-                channel = channel.as_tensor() if isinstance(channel, MetaTensor) else channel
-                out = invert({"image": data["image"], "x": channel.float()})["x"]
+                channel = MetaTensor(channel.as_tensor() if isinstance(channel, MetaTensor) else channel).float()
+                out = invert({"image": data["image"], "x": channel})["x"]  # Invertd skips plain tensors
                 if tuple(out.shape[1:]) != tuple(data["pred"].shape[1:]):
                     raise RuntimeError(f"{case}: inverted {name} {suffix} has shape {tuple(out.shape)}")
                 path = self.path(case, f"{name.replace(' ', '_')}_{suffix}.nii.gz")
