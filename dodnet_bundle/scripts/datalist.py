@@ -3,8 +3,8 @@
 A datalist is a JSON file with one list of items per split (``"training"``, ``"validation"``,
 ``"test"``); each item is ``{"image": path, "label": path, "task": name or id}`` with paths
 absolute or relative to the dataset folder. ``load_datalist`` checks every item up front (files
-exist, image and label grids agree, the task is known, the label values belong to the task's
-source set) and raises one ``DatalistError`` listing every bad item, so a typo in item 731 is
+exist and are complete, image and label grids agree, the task is known, the label values belong
+to the task's source set) and raises one ``DatalistError`` listing every bad item, so a typo in item 731 is
 found in seconds rather than hours into training. With no dataset folder and no datalist it
 generates (once) and uses the synthetic MOTS-synth data of ``scripts.synth``.
 """
@@ -129,7 +129,7 @@ def _resolve_path(value: Any, base: Path) -> Path:
 
 
 def _check_item(
-    index: int, item: Any, base: Path, require_label: bool, check_values: bool
+    item: Any, base: Path, require_label: bool, check_values: bool
 ) -> Tuple[Optional[Dict[str, Any]], List[str]]:
     """Validate one item; returns the item with absolute paths and canonical task name, and its problems."""
     if not isinstance(item, dict):
@@ -263,13 +263,12 @@ def load_datalist(
     if not isinstance(items, list) or not items:
         raise DatalistError(f"datalist {datalist_path}: the {split!r} list is empty (or not a list)")
 
-    def check(args: Tuple[int, Any]) -> Tuple[Optional[Dict[str, Any]], List[str]]:
-        index, item = args
-        return _check_item(index, item, base, require_label, check_values)
+    def check(item: Any) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+        return _check_item(item, base, require_label, check_values)
 
     _itk()
     with ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
-        results = list(pool.map(check, enumerate(items)))
+        results = list(pool.map(check, items))
     bad: List[str] = []
     for index, (item, problems) in enumerate(results):
         for problem in problems:
