@@ -102,3 +102,11 @@ def test_after_ct_preprocessing_from_nifti(tmp_path):
     assert set(torch.unique(target[1]).tolist()) == {0.0, 1.0}
     assert int(target[1].sum()) == int((label == 1).sum())  # same spacing: resampling keeps every voxel
     assert np.isclose(float(out["image"].min()), -1.0)  # air (-1000 HU) clipped to -325 HU -> -1
+
+
+def test_default_task_applies_only_to_items_without_a_task():
+    mapper = MapTaskLabelsd(default_task="spleen")
+    assert mapper({"label": _label([0, 1])})["task_id"] == 6
+    assert mapper({"label": _label([0, 1, 2]), "task": "liver"})["task_id"] == 0
+    with pytest.raises(ValueError, match="unknown task"):
+        MapTaskLabelsd(default_task="brain")
