@@ -304,6 +304,7 @@ def test_cli_from_bundle_root(official_file, tmp_path, bundle_root):
     )
     assert proc.returncode == 0, proc.stderr
     assert "converted 111 tensors (17,329,528 parameters)" in proc.stdout
+    assert dst.stat().st_mode & 0o777 == 0o644  # shareable, not the 0600 of a temp file
     state = torch.load(dst, map_location="cpu", weights_only=True)
     assert state["controller.fc.weight"].shape == (162, 263)
 

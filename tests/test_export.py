@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from scripts.export import AllTasksNetwork, export_onnx
-from scripts.networks import DoDNet
+from scripts.export import AllTasksNetwork, export_onnx, fold_weight_standardization, prepare_for_export
+from scripts.networks import DoDNet, WSConv3d
 
 TINY = {"base_channels": 8}
 ROI = (32, 32, 16)
@@ -58,6 +58,23 @@ def test_onnx_matches_pytorch_for_all_tasks(onnx_file, eager):
         for task in range(7):  # channels 2k, 2k+1 are task k's organ and tumor logits
             single = eager(x, torch.tensor([task])).numpy()
             assert np.abs(pred[:, 2 * task : 2 * task + 2] - single).max() < 1e-4, task
+
+
+def test_folded_weight_standardization_is_exact_and_keeps_the_graph_small(onnx_file, eager):
+    folded = fold_weight_standardization(eager).eval()
+    assert not any(isinstance(m, WSConv3d) for m in folded.modules())
+    assert any(isinstance(m, WSConv3d) for m in eager.modules())  # the original is untouched
+    x = torch.randn(1, 1, *ROI, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (folded(x) - eager(x)).abs().max() < 1e-5
+        assert (folded(x, torch.tensor([2])) - eager(x, torch.tensor([2]))).abs().max() < 1e-5
+        exported = prepare_for_export(eager).eval()  # folded + the batched dynamic head
+        assert (exported(x) - eager(x)).abs().max() < 1e-5
+        assert (exported(x, torch.tensor([[6, 1]])) - eager(x, torch.tensor([[6, 1]]))).abs().max() < 1e-5
+    # one float32 copy of the weights plus a small graph (no copies of kernels, no output-sized constants)
+    param_bytes = 4 * sum(p.numel() for p in eager.parameters())
+    assert onnx_file.stat().st_size < 1.3 * param_bytes
+    assert oct(onnx_file.stat().st_mode & 0o777) == oct(0o644)
 
 
 def test_onnx_rejects_other_shapes_instead_of_wrong_answers(onnx_file):

@@ -214,6 +214,7 @@ def _atomic_save(obj: Any, dst: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):

@@ -126,6 +126,7 @@ def build(
                 info.create_system = 3  # unix, so the permission bits below are honoured
                 info.external_attr = (0o100000 | FILE_MODE) << 16
                 zf.writestr(info, (root / rel).read_bytes(), compresslevel=9)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the asset is published
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
@@ -182,10 +183,18 @@ def verify_zip(zip_path: str, name: str = BUNDLE_NAME) -> Tuple[str, List[str]]:
     return version, names
 
 
+def verify(zip_path: str, name: str = BUNDLE_NAME) -> str:
+    """Command-line form of :func:`verify_zip`: prints and returns a one-line summary."""
+    version, names = verify_zip(zip_path, name)
+    summary = f"{zip_path}: ok, {name} version {version}, {len(names)} files"
+    print(summary)
+    return summary
+
+
 def main() -> None:
     import fire
 
-    fire.Fire({"build": build, "verify": verify_zip})
+    fire.Fire({"build": build, "verify": verify}, serialize=lambda _: None)
 
 
 if __name__ == "__main__":
