@@ -4,7 +4,7 @@ Input of this stage: binary masks (2K, H, W, D) of the K requested tasks (channe
 ``2k + 1`` tumor of the k-th task) from thresholding the inferer's probabilities at 0.5.
 
 - ``TaskPostProcessd`` applies each task's published rule (``TaskSpec.post`` in ``scripts/tasks.py``)
-  with MONAI's ``KeepLargestConnectedComponent`` and ``RemoveSmallObjects``: keep the largest organ
+  with MONAI's ``KeepLargestConnectedComponent`` and scikit-image's labelling: keep the largest organ
   component(s), keep tumor voxels only inside the (post-processed) organ, drop tumor components of
   ``tumor_min_voxels`` voxels or fewer, keep the largest tumor component(s). Switchable (``enabled``).
 - ``MergeTaskLabelsd`` paints the structures into one uint8 label map with the merged ids of
@@ -19,17 +19,36 @@ from __future__ import annotations
 
 from typing import Dict, Hashable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import KeepLargestConnectedComponent, MapTransform, RemoveSmallObjects
+from monai.transforms import KeepLargestConnectedComponent, MapTransform
+from monai.utils import convert_to_dst_type
+from skimage import measure
 
 from .inferer import as_bool
 from .tasks import PostRule, TaskSpec, merge_precedence, resolve_tasks
 
-__all__ = ["apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
+__all__ = ["remove_components_up_to", "apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
 
 TaskSelection = Union[None, str, int, Sequence[Union[str, int]]]
+
+
+def remove_components_up_to(mask: torch.Tensor, max_voxels: int, connectivity: int = 3) -> torch.Tensor:
+    """Remove the connected components of ``max_voxels`` voxels or fewer from a binary (1, H, W, D) mask.
+
+    Components come from ``skimage.measure.label``. (MONAI's ``RemoveSmallObjects`` passes ``min_size``
+    to scikit-image, whose meaning changed from "smaller than" to "up to" in 0.26: this keeps the
+    published "<= 50 voxels" rule independent of the installed version.)
+    """
+    array = mask.detach().cpu().numpy()[0] > 0
+    components = measure.label(array, connectivity=connectivity)
+    sizes = np.bincount(components.reshape(-1))
+    keep = sizes > max_voxels
+    keep[0] = False
+    out = torch.as_tensor(keep[components][None], device=mask.device).to(mask.dtype)
+    return convert_to_dst_type(out, mask)[0]
 
 
 def apply_post_rule(
@@ -52,8 +71,7 @@ def apply_post_rule(
         if rule.tumor_inside_organ:
             tumor = tumor * (organ > 0).to(tumor.dtype)
         if rule.tumor_min_voxels > 0 and tumor.any():
-            # RemoveSmallObjects removes components smaller than min_size: "<= n voxels" is "< n + 1"
-            tumor = RemoveSmallObjects(min_size=rule.tumor_min_voxels + 1, connectivity=connectivity)(tumor)
+            tumor = remove_components_up_to(tumor, rule.tumor_min_voxels, connectivity)
         if rule.tumor_components > 0 and tumor.any():
             tumor = KeepLargestConnectedComponent(connectivity=connectivity, num_components=rule.tumor_components)(
                 tumor
