@@ -140,21 +140,25 @@ def check_input(path: PathLike) -> None:
         raise BadInputError(f"{p}: empty file (0 bytes)")
     suffix = _suffix(p)
     if p.name.lower().endswith(".gz"):
-        _check_gzip(p)
+        size = _check_gzip(p)
     if suffix in (".nii", ".nii.gz"):
-        _check_nifti(p)
+        _check_nifti(p, size)
 
 
-def _check_gzip(p: Path) -> None:
+def _check_gzip(p: Path) -> int:
+    """Decompress the whole stream (catches truncation and CRC errors); returns the uncompressed size."""
+    size = 0
     try:
         with gzip.open(p, "rb") as f:
-            while f.read(1 << 24):
-                pass
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
     except (OSError, EOFError, zlib.error) as e:
         raise BadInputError(f"{p}: corrupt or truncated gzip file ({e})") from None
+    return size
 
 
-def _check_nifti(p: Path) -> None:
+def _check_nifti(p: Path, size: int) -> None:
+    """Header readable, 3-D, and the (uncompressed) file holds all the voxel data the header announces."""
     import nibabel as nib
 
     try:
@@ -170,11 +174,10 @@ def _check_nifti(p: Path) -> None:
             f"{p}: is a {len(spatial)}-D image of shape {shape}; DoDNet needs one 3-D CT volume "
             "(split time series or multi-channel images into 3-D files)"
         )
-    if not p.name.lower().endswith(".gz"):
-        header = img.header
-        needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
-        if p.stat().st_size < needed:
-            raise BadInputError(f"{p}: truncated file ({p.stat().st_size} bytes, the header needs {needed})")
+    header = img.header
+    needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    if size < needed:
+        raise BadInputError(f"{p}: truncated image data ({size} bytes of {needed} the header announces)")
 
 
 class CheckCTImaged(MapTransform):
