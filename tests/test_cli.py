@@ -58,7 +58,7 @@ def test_batch_with_bad_files_writes_the_good_cases_and_exits_nonzero(tmp_path, 
         assert case in error  # every message names its file
     assert "gzip" in errors["corrupt"] and "gzip" in errors["cut"] and "empty" in errors["empty"]
     assert "2-D" in errors["flat"] and "4-D" in errors["series"] and "truncated" in errors["short"]
-    assert "does not exist" in errors["no_such_scan"]
+    assert "does not exist" in errors["no_such_scan"] and "cannot load" in errors["broken_series"]
     for case, shape, kind, spacing in (("good_ras", (40, 36, 20), "ras", 1.5), ("good_lps", (36, 40, 18), "lps", 1.6)):
         seg = nib.load(str(out / f"{case}_seg.nii.gz"))
         source = nib.load(str(inputs / f"{case}.nii.gz"))

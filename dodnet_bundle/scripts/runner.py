@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .cases import NonCTIntensityWarning, check_input
+from .cases import BadInputError, NonCTIntensityWarning, check_input
 from .inferer import as_bool
 from .weights import load_network_weights
 from .writers import SegmentationWriter, save_json_atomic
@@ -36,9 +36,11 @@ class CasesFailedError(RuntimeError):
 
 
 def describe_error(error: BaseException) -> str:
-    """The innermost cause of an exception (MONAI wraps transform errors), as ``Type: message``."""
-    while error.__cause__ is not None:
+    """The first ``BadInputError`` in the cause chain, else the innermost cause, as ``Type: message``."""
+    while error.__cause__ is not None and not isinstance(error, BadInputError):
         error = error.__cause__
+    if isinstance(error, BadInputError):  # names the file and the problem
+        return str(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -92,7 +94,17 @@ class SegmentationRunner:
         """Process case ``index`` and return its report (raises on any failure)."""
         item = self.dataset.data[index]  # type: ignore[attr-defined]
         check_input(item["image"])
-        data = self.dataset[index]
+        try:
+            data = self.dataset[index]
+        except Exception as e:
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if isinstance(root, BadInputError):
+                raise
+            message = describe_error(e).replace(f" for file: {item['image']}", "")
+            kind = "DICOM series" if Path(item["image"]).is_dir() else "image"
+            raise BadInputError(f"{item['image']}: cannot load or preprocess this {kind} ({message})") from e
         with torch.no_grad():
             data["pred"] = self.inferer(data["image"][None], self.network)[0]
         data = self.postprocessing(data)
@@ -140,6 +152,6 @@ class SegmentationRunner:
         save_json_atomic(self.summary, self.output_dir / "summary.json")
         logger.info("%d case(s) segmented, %d failed", len(succeeded), len(failed))
         if failed and self.fail_on_error:
-            lines = "\n".join(f"  {f['input']}: {f['error']}" for f in failed)
+            lines = "\n".join(f"  {f['error']}" for f in failed)
             raise CasesFailedError(f"{len(failed)} of {len(items)} case(s) failed:\n{lines}")
         return self.summary

@@ -1,0 +1,146 @@
+"""Peak host memory of whole-volume inference: all 7 tasks of an abdominal-size CT with the full network on CPU.
+
+The target (issue 4): stitching every task of a 512 x 512 x 300 CT at 0.7 x 0.7 x 1.0 mm fits in 6 GB
+of host memory with the full-size network on CPU. This benchmark writes such a volume (a synthetic
+body phantom in HU), runs the bundle's ``configs/inference.json`` on it in a child process (the
+published network size, random weights: memory does not depend on the weight values) and reports the
+child's peak resident set size (``ru_maxrss``) and the peak RSS of each phase, sampled every 0.2 s.
+
+    python benchmarks/bench_inference_memory.py                  # half-precision stitching (default)
+    python benchmarks/bench_inference_memory.py --stitch_dtype float32
+    python benchmarks/bench_inference_memory.py --overlap 0      # 36 instead of 96 windows, same buffers
+
+It takes minutes to an hour on a small CPU (each 192 x 192 x 64 window of the full network costs about
+30 s on 2 cores). The overlap changes the number of windows, not the size of any buffer: the stitched
+output and the count map are allocated once for the whole volume and windows are processed one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "dodnet_bundle"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def write_phantom(path: Path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0)) -> None:
+    """An abdominal-size HU volume: air, an elliptic body of fat and soft tissue, a 'liver' and a 'spleen'."""
+    import nibabel as nib
+    import numpy as np
+
+    h, w, d = shape
+    x, y = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1
+    liver = ((x + 0.35) / 0.35) ** 2 + ((y + 0.1) / 0.3) ** 2 <= 1
+    spleen = ((x - 0.5) / 0.15) ** 2 + ((y + 0.2) / 0.12) ** 2 <= 1
+    slice_ = np.full((h, w), -1000, np.int16)
+    slice_[body] = 40
+    slice_[liver] = 110
+    slice_[spleen] = 95
+    volume = np.repeat(slice_[:, :, None], d, axis=2)
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run inference.json on the phantom and print phase peaks as JSON (the parent reads ru_maxrss)."""
+    sys.path.insert(0, str(BUNDLE))
+    import torch
+
+    from scripts.cli import segment
+    from scripts.networks import DoDNet
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    ckpt = Path(args.workdir) / "random_full_size.pt"
+    torch.save({"model": DoDNet().state_dict()}, ckpt)  # published size; weights irrelevant to memory
+    peaks = {"baseline_mb": rss_mb()}
+    phase = {"name": "run", "peak": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            phase["peak"] = max(phase["peak"], rss_mb())
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.time()
+    summary = segment(
+        args.image,
+        str(Path(args.workdir) / "out"),
+        device="cpu",
+        ckpt=str(ckpt),
+        progress=False,
+        overlap=args.overlap,
+        stitch_dtype=args.stitch_dtype,
+    )
+    stop.set()
+    thread.join()
+    peaks.update(
+        {
+            "sampled_peak_mb": phase["peak"],
+            "seconds": round(time.time() - start, 1),
+            "failed": summary["failed"],
+            "threads": torch.get_num_threads(),
+        }
+    )
+    print("RESULT " + json.dumps(peaks))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stitch_dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--budget_mb", type=float, default=6 * 1024)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "abdomen_512x512x300.nii"
+        write_phantom(image)
+        cmd = [sys.executable, __file__, "--child", "--image", str(image), "--workdir", tmp]
+        cmd += ["--stitch_dtype", args.stitch_dtype, "--overlap", str(args.overlap), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"benchmark child failed with exit code {proc.returncode}")
+        result = json.loads(lines[-1][len("RESULT ") :])
+    result.update(
+        {
+            "image": "512x512x300 int16 at 0.7x0.7x1.0 mm -> 448x448x200 at 0.8x0.8x1.5 mm",
+            "tasks": 7,
+            "stitch_dtype": args.stitch_dtype,
+            "overlap": args.overlap,
+            "peak_rss_mb": round(peak_mb, 1),
+            "budget_mb": args.budget_mb,
+            "within_budget": peak_mb <= args.budget_mb,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
+        }
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
