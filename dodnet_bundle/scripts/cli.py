@@ -11,6 +11,7 @@ It prints a summary of successes and failures and exits with status 1 if any cas
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -124,13 +125,15 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
     from .weights import MissingWeightsError
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args) and "--" not in args:
+        args = [a for a in args if a not in ("-h", "--help")] + ["--", "--help"]  # fire's help flag, exit 0
     holder: Dict[str, Any] = {}
 
+    @functools.wraps(segment)  # fire shows segment's arguments and docstring
     def command(input, output_dir, **kwargs):  # noqa: A002 - the documented argument name
         holder["output_dir"] = output_dir
         holder["summary"] = segment(input, output_dir, **kwargs)
 
-    command.__doc__ = segment.__doc__
     try:
         fire.Fire(command, command=args, name="dodnet-segment")
     except Exception as e:  # the config machinery wraps errors: report the root cause when it is the user's input
