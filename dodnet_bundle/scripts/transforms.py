@@ -58,7 +58,8 @@ def ct_preprocessing(
     if load:
         steps.append(LoadImaged(keys=keys, reader="ITKReader", ensure_channel_first=True, image_only=True))
     steps += [
-        Orientationd(keys=keys, axcodes=axcodes),
+        # readers convert to RAS world coordinates, so axis labels are the RAS ones (explicit: MONAI's default moves)
+        Orientationd(keys=keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=tuple(pixdim), mode=[image_mode] + ["nearest"] * len(label_keys)),
         ScaleIntensityRanged(
             keys=image_key, a_min=float(hu_range[0]), a_max=float(hu_range[1]), b_min=-1.0, b_max=1.0, clip=True
