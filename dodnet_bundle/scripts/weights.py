@@ -20,9 +20,10 @@ def _how_to_get_weights(path: Path) -> str:
     return (
         f"model weights not found: {path}. DoDNet never segments with random weights. Get weights by "
         "(a) training: python -m monai.bundle run --config_file configs/train.json (writes models/model.pt), or "
-        "(b) converting the authors' released checkpoint (MOTS_DynConv_checkpoint.pth) with "
-        "scripts/convert_official_checkpoint.py into models/model.pt; then point ckpt_path "
-        "(dodnet-segment --ckpt FILE) at the file."
+        "(b) converting the authors' released checkpoint, in the bundle folder: python -m "
+        "scripts.convert_official_checkpoint --src MOTS_DynConv_checkpoint.pth --dst models/model.pt "
+        "(and merge configs/official_weights.json for its spacing); or point ckpt_path "
+        "(dodnet-segment --ckpt FILE) at an existing weights file."
     )
 
 
