@@ -172,3 +172,28 @@ def test_kits_slices_on_axis_i_are_moved_last_by_the_preprocessing(tmp_path: Pat
     assert tuple(loaded.shape) == (1, 7, 5, 3)  # (C, x, y, slices)
     assert float(loaded[0, :, :, -1].mean()) == 100.0  # the superior slice ends up last (S increases)
     assert float(loaded[0, :, :, 0].mean()) == 0.0
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import BUNDLE_ROOT
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from scripts.prepare_mots import main; "
+        "sys.argv = sys.argv[1:]; main()"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-c", code, str(BUNDLE_ROOT), "--root", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "dodnet-prepare-mots: error: root folder" in bad.stderr and "Traceback" not in bad.stderr
+    _msd(tmp_path, "Task09_Spleen", 3, "spleen")
+    good = subprocess.run(
+        [sys.executable, "-c", code, str(BUNDLE_ROOT), "--root", str(tmp_path), "--tasks", "spleen", "--split", "none"],
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads((tmp_path / "dodnet_datalist.json").read_text())["validation"][0]["task"] == "spleen"

@@ -351,10 +351,16 @@ def prepare_mots(
 
 def main() -> None:
     """Console entry point ``dodnet-prepare-mots`` (fire): ``dodnet-prepare-mots --root DIR [--split ratio]``."""
+    import sys
+
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fire.Fire(prepare_mots)
+    try:
+        fire.Fire(prepare_mots, name="dodnet-prepare-mots")
+    except DataPreparationError as err:
+        print(f"dodnet-prepare-mots: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
