@@ -65,6 +65,28 @@ def test_map_task_labels_uses_default_task_for_items_without_task():
         MapTaskLabelsd(default_task="heart")
 
 
+def test_stash_keeps_monailabel_image_path_away_from_spacingd(tmp_path):
+    """MONAI >= 1.5 Spacingd calls .update() on every ``image_*`` item of a NIfTI image; MONAI Label adds
+    the string ``image_path``. The stash pair makes the chain work and hands the path back unchanged."""
+    from monai.transforms import Compose, LoadImaged, Spacingd
+
+    from scripts.monailabel_compat import RestoreStashedItemsd, StashStringItemsd
+
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.diag([2.0, 2.0, 4.0, 1.0])), str(path))
+    load = LoadImaged("image", ensure_channel_first=True, image_only=False)
+    spacing = Spacingd("image", pixdim=(4.0, 4.0, 4.0))
+    data = {"image": str(path), "image_path": str(path)}
+    with pytest.raises(RuntimeError, match="Spacingd") as err:
+        Compose([load, spacing])(dict(data))
+    assert isinstance(err.value.__cause__, AttributeError) and "update" in str(err.value.__cause__)
+    out = Compose([load, StashStringItemsd("image"), spacing, RestoreStashedItemsd()])(dict(data))
+    assert out["image_path"] == str(path) and tuple(out["image"].shape) == (1, 4, 4, 4)
+    assert "_stashed_string_items" not in out
+    plain = Compose([load, StashStringItemsd("image"), spacing, RestoreStashedItemsd()])({"image": str(path)})
+    assert set(plain) == {"image", "image_meta_dict"}  # a no-op outside MONAI Label
+
+
 # ---- environment ----------------------------------------------------------------------------------------
 
 
