@@ -273,7 +273,7 @@ def _sha256(path: Path) -> str:
 
 def test_release_zip_layout_and_reproducibility(bundle_root, tmp_path):
     copy = tmp_path / "src" / BUNDLE_NAME
-    shutil.copytree(bundle_root, copy)
+    shutil.copytree(bundle_root, copy, ignore=shutil.ignore_patterns(".cache", "models", "eval", "runs"))
     (copy / "scripts" / "__pycache__").mkdir(exist_ok=True)
     (copy / "scripts" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
     (copy / "models").mkdir(exist_ok=True)
