@@ -113,6 +113,8 @@ def run_ablation(
     cache_dir: str = ".cache/ablation_synth",
     seed: int = 0,
     patch: Sequence[int] = (64, 64, 32),
+    preseg_channels: int = 16,
+    head_width: int = 16,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant; returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -123,7 +125,12 @@ def run_ablation(
     results: Dict[str, Dict[str, object]] = {}
     for variant in variants:
         set_determinism(seed)
-        kwargs = dict(base_channels=base_channels, conditioning=CONDITIONING[variant])
+        kwargs = dict(
+            base_channels=base_channels,
+            conditioning=CONDITIONING[variant],
+            preseg_channels=preseg_channels,
+            head_width=head_width,
+        )
         seconds = 0.0
         if variant == "multi_nets":
             nets = {}
@@ -164,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--num_per_task", type=int, default=12, help="MOTS-synth training volumes per task")
     parser.add_argument("--base_channels", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--preseg_channels", type=int, default=16, help="dynamic head input width (as the demo)")
+    parser.add_argument("--head_width", type=int, default=16, help="dynamic head hidden width (as the demo)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache_dir", default=".cache/ablation_synth")
@@ -179,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.batch_size,
         args.lr,
         args.cache_dir,
+        preseg_channels=args.preseg_channels,
+        head_width=args.head_width,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
