@@ -12,6 +12,7 @@ It prints a summary of successes and failures and exits with status 1 if any cas
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -130,9 +131,9 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
     holder: Dict[str, Any] = {}
 
     @functools.wraps(segment)  # fire shows segment's arguments and docstring
-    def command(input, output_dir, **kwargs):  # noqa: A002 - the documented argument name
-        holder["output_dir"] = output_dir
-        holder["summary"] = segment(input, output_dir, **kwargs)
+    def command(*args, **kwargs):
+        holder["output_dir"] = inspect.signature(segment).bind(*args, **kwargs).arguments["output_dir"]
+        holder["summary"] = segment(*args, **kwargs)
 
     try:
         fire.Fire(command, command=args, name="dodnet-segment")
