@@ -85,13 +85,28 @@ def child(args: argparse.Namespace) -> None:
     torch.save({"model": DoDNet(**tiny).state_dict()}, ckpt)  # weights irrelevant to memory
     overrides = {f"network_def#{k}": list(v) if isinstance(v, tuple) else v for k, v in tiny.items()}
     peaks = {"baseline_mb": rss_mb()}
-    phase = {"name": "run", "peak": 0.0}
+    phase = {"name": "run", "peak": 0.0, "inference": 0.0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             phase["peak"] = max(phase["peak"], rss_mb())
+            if phase["name"] == "inference":
+                phase["inference"] = max(phase["inference"], rss_mb())
             time.sleep(0.2)
+
+    from scripts.inferer import TaskSlidingWindowInferer
+
+    original_call = TaskSlidingWindowInferer.__call__
+
+    def timed_call(self, *a, **k):  # marks the sliding-window phase (stitching + network)
+        phase["name"] = "inference"
+        try:
+            return original_call(self, *a, **k)
+        finally:
+            phase["name"] = "post"
+
+    TaskSlidingWindowInferer.__call__ = timed_call
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -111,6 +126,7 @@ def child(args: argparse.Namespace) -> None:
     peaks.update(
         {
             "sampled_peak_mb": phase["peak"],
+            "sampled_inference_phase_peak_mb": phase["inference"],
             "seconds": round(time.time() - start, 1),
             "failed": summary["failed"],
             "threads": torch.get_num_threads(),
