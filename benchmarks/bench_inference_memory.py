@@ -114,11 +114,12 @@ def child(args: argparse.Namespace) -> None:
     summary = segment(
         args.image,
         str(Path(args.workdir) / "out"),
-        device="cpu",
+        device=args.device,
         ckpt=str(ckpt),
         progress=False,
         overlap=args.overlap,
         stitch_dtype=args.stitch_dtype,
+        precision=args.precision,
         **overrides,
     )
     stop.set()
@@ -143,6 +144,9 @@ def main() -> None:
     parser.add_argument("--network", default="full", choices=["full", "tiny"])
     parser.add_argument("--mode", default="pipeline", choices=["pipeline", "window"])
     parser.add_argument("--budget_mb", type=float, default=6 * 1024)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
+    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--device", default="cpu", help="device of the network (the stitched output stays on the CPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -156,7 +160,7 @@ def main() -> None:
             write_phantom(image)
         cmd = [sys.executable, __file__, "--child", "--image", str(image), "--workdir", tmp, "--mode", args.mode]
         cmd += ["--stitch_dtype", args.stitch_dtype, "--overlap", str(args.overlap), "--threads", str(args.threads)]
-        cmd += ["--network", args.network]
+        cmd += ["--network", args.network, "--precision", args.precision, "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -175,6 +179,7 @@ def main() -> None:
             ),
             "tasks": 7,
             "stitch_dtype": args.stitch_dtype,
+            "precision": args.precision,
             "overlap": args.overlap,
             "peak_rss_mb": round(peak_mb, 1),
             "budget_mb": args.budget_mb,
@@ -183,6 +188,8 @@ def main() -> None:
         }
     )
     print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

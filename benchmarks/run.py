@@ -186,8 +186,8 @@ def volume_section(args, device: torch.device) -> List[Table]:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "volume.json"
-        cmd = [sys.executable, str(script), "--device", str(device), "--json", str(report)]
-        cmd += ["--precision", args.precision]
+        cmd = [sys.executable, str(script), "--json", str(report), "--precision", args.volume_precision]
+        cmd += ["--overlap", str(args.volume_overlap), "--device", str(device)]
         subprocess.run(cmd, check=True)
         result: Dict[str, object] = json.loads(report.read_text())
     table.columns = list(result)
@@ -230,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--train-patch", default="96,96,32", help="H,W,D of the CPU training patch")
     parser.add_argument("--precision", default=None, help="fast-path precision (default: bf16 on CPU and GPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--volume-precision", default="fp32", help="network precision of the whole-volume run")
+    parser.add_argument("--volume-overlap", type=float, default=0.5, help="window overlap of the whole-volume run")
     parser.add_argument("--skip", default="", help="sections to skip: patch,efficiency,volume,train")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
