@@ -160,15 +160,16 @@ def test_explicit_folder_and_unknown_split(tmp_path: Path) -> None:
 
 def test_kits_slices_on_axis_i_are_moved_last_by_the_preprocessing(tmp_path: Path) -> None:
     """A KiTS19-like file ((slices, rows, cols) with its affine) comes out with the slice axis last."""
-    from monai.transforms import Compose, LoadImaged, Orientationd
+    from monai.transforms import Compose
+
+    from scripts.transforms import ct_preprocessing
 
     data = np.zeros((3, 5, 7), np.int16)  # 3 slices of 5 x 7 pixels
     data[0] = 100  # first stored slice (most superior: affine row z = -5 * i)
     path = tmp_path / "imaging.nii.gz"
     nib.save(nib.Nifti1Image(data, KITS_AFFINE), str(path))
-    loaded = Compose(
-        [LoadImaged("image", reader="ITKReader", ensure_channel_first=True), Orientationd("image", axcodes="RAS")]
-    )({"image": str(path)})["image"]
+    steps = ct_preprocessing(pixdim=(1.0, 1.0, 5.0))[:2]  # the bundle's own load + orientation steps
+    loaded = Compose(steps)({"image": str(path)})["image"]
     assert tuple(loaded.shape) == (1, 7, 5, 3)  # (C, x, y, slices)
     assert float(loaded[0, :, :, -1].mean()) == 100.0  # the superior slice ends up last (S increases)
     assert float(loaded[0, :, :, 0].mean()) == 0.0
