@@ -38,7 +38,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DEFAULTS: Dict[str, Any] = {
     "num_per_task": 12,
-    "epochs": 24,
+    "epochs": 30,
     "base_channels": 8,
     "patch_size": (64, 64, 32),
     "batch_size": 2,
