@@ -140,3 +140,16 @@ def test_preview_through_the_largest_structure_with_legend_colors():
     assert png.mode == "RGB" and png.width == 2 * 30 + 10
     liver_color = np.array(merged_label_colors()[1])
     assert (np.abs(pixels.reshape(-1, 3).astype(int) - liver_color).sum(axis=1) == 0).any()  # legend swatch
+
+
+def test_task_id_key_applies_the_items_own_task_rule():
+    """With task_id_key the (2, H, W, D) masks follow the item's own task (as evaluate.json uses it)."""
+    masks = torch.zeros(2, 12, 12, 12, dtype=torch.uint8)
+    masks[0, 1:5, 1:5, 1:5] = 1  # large organ component
+    masks[0, 8:10, 8:10, 8:10] = 1  # small second organ component
+    masks[1, 8:10, 8:10, 8:10] = 1  # tumor outside the large component
+    liver = TaskPostProcessd(keys="pred", task_id_key="task_id")({"pred": masks.clone(), "task_id": 0})["pred"]
+    assert liver[0, 8:10, 8:10, 8:10].sum() == 0 and liver[0].sum() == 64  # largest organ component only
+    assert liver[1].sum() == 0  # tumor outside the organ removed
+    kidney = TaskPostProcessd(keys="pred", task_id_key="task_id")({"pred": masks.clone(), "task_id": 1})["pred"]
+    assert kidney[0].sum() == 64 + 8  # kidney keeps its two largest organ components

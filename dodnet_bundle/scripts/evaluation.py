@@ -1,12 +1,12 @@
-"""The labeled test-set evaluation of ``configs/evaluate.json``: per-case task post-processing and the metrics saver.
+"""The labeled test-set evaluation of ``configs/evaluate.json``: the weights loader and the metrics saver.
 
 Each test case is segmented for its own task only (the evaluator passes the item's ``task_id`` to
 the network), giving binary (organ, tumor) masks (2, H, W, D) on the preprocessed grid
-(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``TaskPostProcessByIdd`` applies the case's
-published post-processing rule; ``StructureMetricsSaver`` scores each channel the case's source
-dataset labels (a channel filled with -1 by ``MapTaskLabelsd`` is skipped) with the shared metrics of
-``scripts.metrics`` (Dice, HD95 in mm, NSD) and writes the per case x structure CSV and the JSON
-summary with the 11-class Table 6 averages, atomically, when the run completes (and, with what it
+(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``scripts.postprocessing.TaskPostProcessd`` with
+``task_id_key`` applies the case's published post-processing rule; ``StructureMetricsSaver`` scores
+each channel the case's source dataset labels (a channel filled with -1 by ``MapTaskLabelsd`` is
+skipped) with the shared metrics of ``scripts.metrics`` (Dice, HD95 in mm, NSD) and writes the per
+case x structure CSV and the JSON summary with the 11-class Table 6 averages, atomically, when the run completes (and, with what it
 has, when the run fails).
 """
 
@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 
 from .evaluate import case_id
-from .inferer import as_bool
 from .label_mapping import UNLABELED
 from .metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
@@ -31,11 +28,10 @@ from .metrics import (
     write_csv_atomic,
     write_json_atomic,
 )
-from .postprocessing import apply_post_rule
 from .tasks import resolve_task
 from .weights import load_network_weights
 
-__all__ = ["WeightsLoader", "TaskPostProcessByIdd", "StructureMetricsSaver"]
+__all__ = ["WeightsLoader", "StructureMetricsSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,45 +58,6 @@ class WeightsLoader:
 
 def _task_of(value: Any) -> int:
     return int(torch.as_tensor(value).reshape(-1)[0])
-
-
-class TaskPostProcessByIdd(MapTransform):
-    """The published post-processing of each item's own task on its binary (organ, tumor) masks (2, H, W, D).
-
-    Args:
-        keys: keys of the masks.
-        task_id_key: key of the item's task id (written by ``MapTaskLabelsd``).
-        enabled: False passes the masks through unchanged.
-        connectivity: neighbourhood of connected components (3: 26-neighbourhood).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "pred",
-        task_id_key: str = "task_id",
-        enabled: Union[bool, str] = True,
-        connectivity: int = 3,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.task_id_key = task_id_key
-        self.enabled = as_bool(enabled)
-        self.connectivity = connectivity
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        if not self.enabled:
-            return d
-        spec = resolve_task(_task_of(d[self.task_id_key]))
-        for key in self.key_iterator(d):
-            masks = d[key]
-            if masks.shape[0] != 2:
-                raise ValueError(f"{key}: expected (organ, tumor) masks of shape (2, ...), got {tuple(masks.shape)}")
-            organ, tumor = apply_post_rule(masks[0:1], masks[1:2], spec.post, self.connectivity)
-            masks = masks.clone()
-            masks[0:1], masks[1:2] = organ, tumor
-            d[key] = masks
-        return d
 
 
 class StructureMetricsSaver:

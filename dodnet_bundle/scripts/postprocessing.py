@@ -28,7 +28,7 @@ from monai.utils import convert_to_dst_type
 from skimage import measure
 
 from .inferer import as_bool
-from .tasks import PostRule, TaskSpec, merge_precedence, resolve_tasks
+from .tasks import PostRule, TaskSpec, merge_precedence, resolve_task, resolve_tasks
 
 __all__ = ["remove_components_up_to", "apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
 
@@ -87,6 +87,8 @@ class TaskPostProcessd(MapTransform):
         tasks: the task selection the masks were inferred for (same order as the inferer's).
         enabled: False passes the masks through unchanged (switch for the published rules).
         connectivity: neighbourhood of connected components (3 = full 26-neighbourhood).
+        task_id_key: if given, each item's masks are (2, H, W, D) for the item's own task, whose id is
+            read from this key (as ``MapTaskLabelsd`` writes it); ``tasks`` is then ignored.
     """
 
     def __init__(
@@ -95,21 +97,26 @@ class TaskPostProcessd(MapTransform):
         tasks: TaskSelection = "all",
         enabled: Union[bool, str] = True,
         connectivity: int = 3,
+        task_id_key: Optional[str] = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.tasks = resolve_tasks(tasks)
         self.enabled = as_bool(enabled)
         self.connectivity = connectivity
+        self.task_id_key = task_id_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
         if not self.enabled:
             return d
+        tasks = self.tasks
+        if self.task_id_key is not None:
+            tasks = (resolve_task(int(torch.as_tensor(d[self.task_id_key]).reshape(-1)[0])),)
         for key in self.key_iterator(d):
             masks = d[key]
-            _check_channels(masks, self.tasks, key)
-            for k, spec in enumerate(self.tasks):
+            _check_channels(masks, tasks, key)
+            for k, spec in enumerate(tasks):
                 organ, tumor = apply_post_rule(
                     masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], spec.post, self.connectivity
                 )
