@@ -2,12 +2,12 @@
 
 Each test case is segmented for its own task only (the evaluator passes the item's ``task_id`` to
 the network), giving binary (organ, tumor) masks (2, H, W, D) on the preprocessed grid
-(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``scripts.postprocessing.TaskPostProcessd`` with
-``task_id_key`` applies the case's published post-processing rule; ``StructureMetricsSaver`` scores
-each channel the case's source dataset labels (a channel filled with -1 by ``MapTaskLabelsd`` is
-skipped) with the shared metrics of ``scripts.metrics`` (Dice, HD95 in mm, NSD) and writes the per
-case x structure CSV and the JSON summary with the 11-class Table 6 averages, atomically, when the run completes (and, with what it
-has, when the run fails).
+(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``scripts.postprocessing.TaskPostProcessd``
+with ``task_id_key`` applies the case's published post-processing rule. ``StructureMetricsSaver``
+scores each channel the case's source dataset labels (a channel filled with -1 by
+``MapTaskLabelsd`` is skipped) with the shared metrics of ``scripts.metrics`` (Dice, HD95 in mm,
+NSD) and writes the per case x structure CSV and the JSON summary with the 11-class Table 6
+averages, atomically, when the run completes (and, with what it has, when the run fails).
 """
 
 from __future__ import annotations
