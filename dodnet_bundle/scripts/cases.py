@@ -11,7 +11,6 @@ intensities do not look like Hounsfield units.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import warnings
@@ -19,10 +18,11 @@ import zlib
 from pathlib import Path
 from typing import Dict, Hashable, List, Mapping, Sequence, Union
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+
+from .file_checks import gzip_uncompressed_size, nifti_data_end
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -147,14 +147,10 @@ def check_input(path: PathLike) -> None:
 
 def _check_gzip(p: Path) -> int:
     """Decompress the whole stream (catches truncation and CRC errors); returns the uncompressed size."""
-    size = 0
     try:
-        with gzip.open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                size += len(chunk)
+        return gzip_uncompressed_size(p)
     except (OSError, EOFError, zlib.error) as e:
         raise BadInputError(f"{p}: corrupt or truncated gzip file ({e})") from None
-    return size
 
 
 def _check_nifti(p: Path, size: int) -> None:
@@ -174,8 +170,7 @@ def _check_nifti(p: Path, size: int) -> None:
             f"{p}: is a {len(spatial)}-D image of shape {shape}; DoDNet needs one 3-D CT volume "
             "(split time series or multi-channel images into 3-D files)"
         )
-    header = img.header
-    needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    needed = nifti_data_end(img)
     if size < needed:
         raise BadInputError(f"{p}: truncated image data ({size} bytes of {needed} the header announces)")
 

@@ -11,7 +11,6 @@ generates (once) and uses the synthetic MOTS-synth data of ``scripts.synth``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import zlib
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .file_checks import gzip_uncompressed_size, nifti_data_end
 from .tasks import TaskSpec, resolve_task
 
 __all__ = ["DatalistError", "load_datalist", "read_header", "nifti_truncation", "DEFAULT_DATALIST_NAME"]
@@ -99,8 +99,7 @@ def nifti_truncation(path: Path) -> Optional[str]:
         return None
     import nibabel as nib
 
-    proxy = nib.load(str(path)).dataobj  # the array proxy knows where the voxels start (header, extensions)
-    expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    expected = nifti_data_end(nib.load(str(path)))
     if not name.endswith(".gz"):
         size = path.stat().st_size
         return f"{path} is truncated: {size} bytes, the header needs {expected}" if size < expected else None
@@ -108,11 +107,8 @@ def nifti_truncation(path: Path) -> Optional[str]:
         f.seek(-4, os.SEEK_END)
         if int.from_bytes(f.read(4), "little") == expected % 2**32:
             return None
-    total = 0
     try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                total += len(chunk)
+        total = gzip_uncompressed_size(path)
     except (OSError, EOFError, zlib.error) as err:
         return f"{path} is truncated or corrupt: {err}"
     return f"{path} is truncated: {total} bytes of data, the header needs {expected}" if total < expected else None
