@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+
+from .atomic import atomic_output
 
 __all__ = [
     "CheckpointMismatchError",
@@ -209,17 +210,8 @@ def build_network(
 
 
 def _atomic_save(obj: Any, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_output(dst, mode=0o644) as tmp:  # weights are meant to be shared
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def convert(

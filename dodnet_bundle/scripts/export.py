@@ -18,14 +18,13 @@ Usage (from the bundle root)::
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
+from scripts.atomic import atomic_output
 from scripts.networks import DynamicHead, WSConv3d, standardize_weight
 
 __all__ = [
@@ -166,26 +165,17 @@ def export_onnx(
     image = torch.zeros(batch_size, network.in_channels, *[int(s) for s in roi_size])
     network.check_image(image)  # a clear error for sizes not divisible by 16, before exporting
     out = Path(filepath)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out, mode=0o644) as tmp:  # an exported model is meant to be shared
         with torch.no_grad():
             torch.onnx.export(
                 model,
                 (image,),
-                tmp,
+                str(tmp),
                 dynamo=False,
                 input_names=["image"],
                 output_names=["pred"],
                 opset_version=opset_version,
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported model is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     print(f"exported {out}: image {tuple(image.shape)} -> pred ({batch_size}, {2 * network.num_tasks}, ...)")
     return str(out)
 

@@ -34,8 +34,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -44,6 +42,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
+from .atomic import write_text_atomic
 from .tasks import TASKS, LabelRule, TaskSpec, merged_label_names
 
 __all__ = [
@@ -247,19 +246,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         if math.isnan(value):
@@ -277,9 +263,9 @@ def write_csv_atomic(path: Path, rows: Iterable[Mapping[str, Any]], columns: Seq
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _csv_value(row.get(c)) for c in columns})
-    _write_text_atomic(Path(path), buf.getvalue())
+    write_text_atomic(buf.getvalue(), path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write strict JSON (NaN/inf as null) to a temporary file, then rename it to ``path``."""
-    _write_text_atomic(Path(path), json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n", path)

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .atomic import write_json_atomic
 from .tasks import TaskSpec, resolve_tasks
 
 __all__ = ["DataPreparationError", "find_task_cases", "prepare_mots", "main", "LAYOUTS", "SPLIT_RULES"]
@@ -247,13 +248,6 @@ def split_cases(spec: TaskSpec, cases: Sequence[Case], split: str, val_per_task:
     return {"training": training, "validation": validation, "test": list(cases[n_train : n_train + n_test])}
 
 
-def _write_json(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def prepare_mots(
     root: Optional[PathLike] = None,
     output: Optional[PathLike] = None,
@@ -345,7 +339,7 @@ def prepare_mots(
                     len(odd),
                     ", ".join(odd[:20]),
                 )
-    _write_json(datalist, out_path)
+    write_json_atomic(datalist, out_path)
     return str(out_path)
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import List, Optional, Tuple, Union
+
+from .atomic import atomic_output
 
 __all__ = ["BUNDLE_NAME", "bundle_files", "check_bundle", "build", "verify_zip", "ReleaseError"]
 
@@ -116,9 +117,7 @@ def build(
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}_v{version}.zip"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_output(dst, mode=0o644) as tmp:  # the asset is published: world-readable
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
             for rel in files:
                 info = zipfile.ZipInfo(f"{name}/{rel}", date_time=FIXED_TIME)
@@ -126,12 +125,6 @@ def build(
                 info.create_system = 3  # unix, so the permission bits below are honoured
                 info.external_attr = (0o100000 | FILE_MODE) << 16
                 zf.writestr(info, (root / rel).read_bytes(), compresslevel=9)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the asset is published
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     print(f"wrote {dst} ({len(files)} files, version {version})")
     return str(dst)
 

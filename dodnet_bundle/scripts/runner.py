@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .atomic import write_json_atomic
 from .cases import BadInputError, NonCTIntensityWarning, check_input
 from .inferer import as_bool
 from .weights import load_network_weights
-from .writers import SegmentationWriter, save_json_atomic
+from .writers import SegmentationWriter
 
 __all__ = ["SegmentationRunner", "CasesFailedError", "describe_error"]
 
@@ -138,7 +139,7 @@ class SegmentationRunner:
             notes = sorted({str(w.message) for w in caught if issubclass(w.category, NonCTIntensityWarning)})
             if notes:
                 report["warnings"] = notes
-                save_json_atomic(report, report["outputs"]["report"])
+                write_json_atomic(report, report["outputs"]["report"])
             succeeded.append(
                 {
                     "case": item["case"],
@@ -149,7 +150,7 @@ class SegmentationRunner:
                 }
             )
         self.summary = {"succeeded": succeeded, "failed": failed, "options": self.options}
-        save_json_atomic(self.summary, self.output_dir / "summary.json")
+        write_json_atomic(self.summary, self.output_dir / "summary.json")
         logger.info("%d case(s) segmented, %d failed", len(succeeded), len(failed))
         if failed and self.fail_on_error:
             lines = "\n".join(f"  {f['error']}" for f in failed)

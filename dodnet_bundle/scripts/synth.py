@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .atomic import atomic_output, write_json_atomic
 from .tasks import TASKS, LabelRule, TaskSpec, resolve_task
 
 __all__ = [
@@ -460,21 +461,13 @@ def generate_case(
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write ``array`` as NIfTI atomically (a temporary name in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    """Write ``array`` as NIfTI with its affine (qform and sform, mm units), atomically."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_json(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 @contextmanager
@@ -568,8 +561,8 @@ def ensure_mots_synth(
                     datalist[split].append(item)
         params = {"version": SYNTH_VERSION, "seed": int(seed), "cases_per_task": counts, "fov_mm": list(fov)}
         params["tasks"] = [s.name for s in specs]
-        _write_json(params, root / "synth.json")
-        _write_json(datalist, datalist_path)
+        write_json_atomic(params, root / "synth.json")
+        write_json_atomic(datalist, datalist_path)
     return datalist_path
 
 

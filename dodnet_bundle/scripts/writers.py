@@ -6,40 +6,24 @@ Every file is written under a temporary name in the destination folder and renam
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import Invertd, InvertibleTransform
 
+from .atomic import atomic_output, write_json_atomic
 from .inferer import as_bool
 from .preview import render_preview
 from .report import case_report
 from .tasks import resolve_tasks
 
-__all__ = ["atomic_output", "save_image_atomic", "save_json_atomic", "SegmentationWriter"]
+__all__ = ["save_image_atomic", "SegmentationWriter"]
 
 PathLike = Union[str, os.PathLike]
-
-
-@contextmanager
-def atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix) and rename it to ``path`` on success."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_image_atomic(array: torch.Tensor, affine: np.ndarray, path: PathLike, dtype: Any = np.uint8) -> Path:
@@ -52,13 +36,6 @@ def save_image_atomic(array: torch.Tensor, affine: np.ndarray, path: PathLike, d
     writer.set_metadata({"affine": np.asarray(affine), "original_affine": np.asarray(affine)}, resample=False)
     with atomic_output(path) as tmp:
         writer.write(str(tmp))
-    return Path(path)
-
-
-def save_json_atomic(obj: Any, path: PathLike) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
     return Path(path)
 
 
@@ -138,7 +115,7 @@ class SegmentationWriter:
                 png.save(tmp, format="PNG")
             outputs["preview"] = str(self.path(case, "preview.png"))
         report["outputs"] = {**outputs, "report": str(self.path(case, "report.json"))}
-        save_json_atomic(report, self.path(case, "report.json"))
+        write_json_atomic(report, self.path(case, "report.json"))
         return report
 
     def _per_structure(
