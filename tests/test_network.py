@@ -215,3 +215,18 @@ def test_head_chunking_does_not_change_results():
     feats, params = torch.randn(2, 8, 8, 8, 6), torch.randn(2, 3, 162)
     whole = DynamicHead(chunk_voxels=1 << 20)(feats, params)
     torch.testing.assert_close(DynamicHead(chunk_voxels=50)(feats, params), whole)
+
+
+def test_meta_tensor_input_is_computed_as_a_plain_tensor():
+    """MONAI's loaders deliver MetaTensors; the network drops the metadata at the door (it would be carried
+    through every layer at ~25% of a CPU training step) and returns the same values as a plain tensor."""
+    from monai.data import MetaTensor
+
+    net = tiny_net().train()
+    x = torch.randn(2, 1, *SHAPE)
+    plain = net(x, torch.tensor([1, 4]))
+    meta = net(MetaTensor(x.clone(), affine=torch.diag(torch.tensor([0.8, 0.8, 1.5, 1.0]))), torch.tensor([1, 4]))
+    assert type(meta) is torch.Tensor
+    torch.testing.assert_close(meta, plain)
+    meta.square().mean().backward()
+    assert net.backbone.conv1.weight.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ Subprocess runs use ``python -m monai.bundle run`` exactly as users do, with a 4
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -128,6 +129,26 @@ def test_training_pipeline_keeps_the_unlabeled_marker(tmp_path, tiny_data):
                     assert values == {UNLABELED}, f"{task}: channel {channel} must stay all -1"
                 else:
                     assert values <= {0.0, 1.0}, f"{task}: channel {channel} has {values}"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_switch_sets_the_training_memory_format(tmp_path, tiny_data, channels_last):
+    """``channels_last`` (default true: oneDNN's fast 3-D kernels, ~25% per CPU step) stores every 5-D weight
+    channels-last; false keeps them contiguous. Either way the network computes the same function."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(_overrides(tmp_path, tiny_data, channels_last=channels_last))
+    network = parser.get_parsed_content("network")
+    weights = [p for p in network.parameters() if p.dim() == 5]
+    assert weights
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert all(w.is_contiguous(memory_format=fmt) for w in weights)
+    if channels_last:
+        assert not any(w.is_contiguous() for w in weights if w.shape[1] > 1 and w.shape[2:].numel() > 1)
+    reference = copy.deepcopy(network).to(memory_format=torch.contiguous_format).eval()
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval()(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_datalist_fails_before_training(tmp_path, tiny_data):

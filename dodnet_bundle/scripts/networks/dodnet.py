@@ -118,6 +118,10 @@ class DoDNet(nn.Module):
         return task_id.to(device=device, dtype=torch.long)
 
     def forward(self, image: torch.Tensor, task_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # a MetaTensor (MONAI's data pipeline) would carry its metadata through every layer: 25% of a
+            # CPU training step, and relu/copy kernels lose the channels-last layout; the output is plain
+            image = image.as_subclass(torch.Tensor)
         self.check_image(image)
         tasks = self.task_ids(task_id, image.shape[0], image.device)
         preseg, pooled = self.backbone(image)
