@@ -230,3 +230,25 @@ def test_meta_tensor_input_is_computed_as_a_plain_tensor():
     torch.testing.assert_close(meta, plain)
     meta.square().mean().backward()
     assert net.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_in_place_sums_give_the_same_values_and_gradients(monkeypatch):
+    """Residual and skip sums are written into the fresh convolution/upsampling output (saves memory
+    traffic); values and gradients equal the out-of-place sum's."""
+    from scripts.networks import backbone, blocks
+
+    def outputs_and_grads():
+        net = tiny_net().train()
+        x = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(1))
+        out = net(x, torch.tensor([2, 5]))
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    out, grads = outputs_and_grads()
+    for module in (blocks, backbone):
+        monkeypatch.setattr(module, "add_into", lambda a, b: a + b)
+    ref_out, ref_grads = outputs_and_grads()
+    torch.testing.assert_close(out, ref_out)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import PreActResBlock, group_norm
+from .blocks import PreActResBlock, add_into, group_norm
 from .ws_conv import make_conv3d
 
 __all__ = ["DoDNetBackbone"]
@@ -86,7 +86,7 @@ class DoDNetBackbone(nn.Module):
 
     @staticmethod
     def _up_add(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False) + skip
+        return add_into(F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False), skip)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         skips: List[torch.Tensor] = []
