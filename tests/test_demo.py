@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.demo import format_table, organ_mean_dice, score_label_map
-from scripts.tasks import TASKS, task_by_name
+from scripts.demo import format_table, organ_mean_dice, score_structure_masks
+from scripts.tasks import TASKS
 
 
 def _save(path: Path, array: np.ndarray) -> Path:
@@ -17,22 +17,26 @@ def _save(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def test_score_label_map_uses_merged_ids_and_source_rules(tmp_path: Path) -> None:
-    liver = task_by_name("liver")
+def test_structure_masks_are_scored_with_the_source_rules(tmp_path: Path) -> None:
     label = np.zeros((10, 10, 4), np.uint8)
     label[2:8, 2:8] = 1
     label[4:6, 4:6] = 2  # tumor inside the liver: the source's organ channel (>= 1) includes it
-    seg = np.zeros_like(label)
-    seg[2:8, 2:7] = liver.organ_id
-    seg[4:6, 4:6] = liver.tumor_id
-    seg[0, 0] = task_by_name("spleen").organ_id  # another task's structure does not count
-    scores = score_label_map(_save(tmp_path / "seg.nii.gz", seg), _save(tmp_path / "lab.nii.gz", label), "liver")
-    assert scores["liver"] == pytest.approx(2 * 120 / (120 + 144))
-    assert scores["liver tumor"] == pytest.approx(1.0)
-    colon = score_label_map(_save(tmp_path / "s2.nii.gz", seg), _save(tmp_path / "l2.nii.gz", label * 0), "colon")
-    assert list(colon) == ["colon tumor"] and colon["colon tumor"] is None  # both empty: undefined
+    organ = np.zeros_like(label)
+    organ[2:8, 2:7] = 1
+    tumor = (label == 2).astype(np.uint8)
+    _save(tmp_path / "case_liver_mask.nii.gz", organ)
+    _save(tmp_path / "case_liver_tumor_mask.nii.gz", tumor)
+    _save(tmp_path / "case_spleen_mask.nii.gz", np.ones_like(label))  # another task's structure does not count
+    scores = score_structure_masks(tmp_path, "case", _save(tmp_path / "lab.nii.gz", label), "liver")
+    assert scores == {"liver": pytest.approx(2 * 30 * 4 / (30 * 4 + 36 * 4)), "liver tumor": pytest.approx(1.0)}
+    _save(tmp_path / "case_colon_tumor_mask.nii.gz", np.zeros_like(label))
+    colon = score_structure_masks(tmp_path, "case", _save(tmp_path / "l2.nii.gz", label * 0), "colon")
+    assert colon == {"colon tumor": None}  # both empty: undefined
     with pytest.raises(ValueError, match="shape"):
-        score_label_map(_save(tmp_path / "s3.nii.gz", seg[:5]), tmp_path / "lab.nii.gz", "liver")
+        _save(tmp_path / "c2_colon_tumor_mask.nii.gz", np.zeros((5, 10, 4), np.uint8))
+        score_structure_masks(tmp_path, "c2", tmp_path / "lab.nii.gz", "colon")
+    with pytest.raises(FileNotFoundError, match="save_masks"):
+        score_structure_masks(tmp_path, "missing", tmp_path / "lab.nii.gz", "liver")
 
 
 def test_table_lists_every_task_and_the_organ_mean() -> None:

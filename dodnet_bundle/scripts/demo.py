@@ -9,7 +9,7 @@
 3. ``configs/train.json`` + ``configs/evaluate.json``: Dice per task and structure on the held-out
    test split (``summary.json``, ``metrics.csv``);
 4. ``configs/inference.json``: all seven tasks on one held-out volume, written as a merged label map
-   in the input's geometry, scored against that volume's own-task label;
+   and per-structure masks in the input's geometry, the masks scored against that volume's own-task label;
 
 and prints the per-task Dice table with the time of each step. Everything goes to ``output_dir``.
 """
@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .synth import ensure_mots_synth
 from .tasks import TASKS, resolve_task
 
@@ -38,7 +39,9 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DEFAULTS: Dict[str, Any] = {
     "num_per_task": 12,
-    "epochs": 30,
+    "num_val_per_task": 2,
+    "num_test_per_task": 4,
+    "epochs": 44,
     "base_channels": 8,
     "patch_size": (64, 64, 32),
     "batch_size": 2,
@@ -46,6 +49,7 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "weight_std": True,
     "preseg_channels": 16,
     "head_width": 16,
+    "norm_groups": 4,
 }
 """Settings of the default demo (about 1000 iterations of batch 2 on 84 training volumes)."""
 
@@ -73,7 +77,12 @@ def _workflow(config_files: Sequence[str], workflow_type: Optional[str], overrid
 
 
 def _network_overrides(
-    base_channels: int, patch_size: Sequence[int], weight_std: bool, preseg_channels: int, head_width: int
+    base_channels: int,
+    patch_size: Sequence[int],
+    weight_std: bool,
+    preseg_channels: int,
+    head_width: int,
+    norm_groups: int = 16,
 ) -> Dict[str, Any]:
     return {
         "bundle_root": str(BUNDLE_ROOT),
@@ -81,6 +90,7 @@ def _network_overrides(
         "network_def#weight_std": bool(weight_std),
         "network_def#preseg_channels": int(preseg_channels),
         "network_def#head_width": int(head_width),
+        "network_def#norm_groups": int(norm_groups),
         "patch_size": [int(p) for p in patch_size],
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
     }
@@ -91,35 +101,37 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> Optional[float]:
     return None if total == 0 else 2.0 * float(np.logical_and(pred, ref).sum()) / total
 
 
-def score_label_map(seg_path: Path, label_path: Path, task: str) -> Dict[str, Optional[float]]:
-    """Dice of a merged label map (inference output) against a case's own-task source label.
+def score_structure_masks(output_dir: Path, case: str, label_path: Path, task: str) -> Dict[str, Optional[float]]:
+    """Dice of the inference's per-structure masks (``<case>_<structure>_mask.nii.gz``, written with
+    ``save_masks``) against the case's own-task source label.
 
-    Both files must share the grid (the inference writes in the input's geometry).
+    The per-structure masks keep overlaps the merged label map resolves by precedence (hepatic vessels
+    painted over the liver, which LiTS counts as liver), so each structure is scored as its source
+    annotates it: the organ channel of "liver" (label >= 1) is the predicted liver mask, which the
+    liver-task head predicts including its tumors and vessels. Masks and label share the input's grid.
 
     Returns:
-        ``{structure name: Dice}`` for the structures the task's source labels.
+        ``{structure name: Dice}`` for the structures the task's source labels (None: both empty).
     """
     import nibabel as nib
+    import torch
 
     from .label_mapping import apply_rule
 
     spec = resolve_task(task)
-    seg = np.asarray(nib.load(str(seg_path)).dataobj)
     label = np.asarray(nib.load(str(label_path)).dataobj)
-    if seg.shape != label.shape:
-        raise ValueError(f"{seg_path}: shape {seg.shape} differs from the label {label_path} {label.shape}")
-    import torch
-
     scores: Dict[str, Optional[float]] = {}
-    for name, channel, merged_id, _ in spec.structures():
+    for name, channel, _, _ in spec.structures():
         rule = spec.organ_rule if channel == 0 else spec.tumor_rule
         if rule is None:
             continue
-        ref = apply_rule(rule, torch.as_tensor(label)).numpy() > 0
-        pred = seg == merged_id
-        if channel == 0 and spec.tumor_id is not None and spec.labels_tumor and spec.organ_rule.min_value is not None:
-            pred = pred | (seg == spec.tumor_id)  # "organ >= 1" includes the tumor painted over it
-        scores[name] = _dice(pred, ref)
+        mask_path = Path(output_dir) / f"{case}_{name.replace(' ', '_')}_mask.nii.gz"
+        if not mask_path.is_file():
+            raise FileNotFoundError(f"{mask_path}: no {name} mask (run the inference with save_masks true)")
+        pred = np.asarray(nib.load(str(mask_path)).dataobj) > 0
+        if pred.shape != label.shape:
+            raise ValueError(f"{mask_path}: shape {pred.shape} differs from the label {label_path} {label.shape}")
+        scores[name] = _dice(pred, apply_rule(rule, torch.as_tensor(label)).numpy() > 0)
     return scores
 
 
@@ -166,6 +178,8 @@ def organ_mean_dice(summary: Dict[str, Any]) -> float:
 def run_demo(
     output_dir: str = "demo_output",
     num_per_task: int = DEMO_DEFAULTS["num_per_task"],
+    num_val_per_task: int = DEMO_DEFAULTS["num_val_per_task"],
+    num_test_per_task: int = DEMO_DEFAULTS["num_test_per_task"],
     epochs: int = DEMO_DEFAULTS["epochs"],
     base_channels: int = DEMO_DEFAULTS["base_channels"],
     patch_size: Sequence[int] = DEMO_DEFAULTS["patch_size"],
@@ -174,6 +188,7 @@ def run_demo(
     weight_std: bool = DEMO_DEFAULTS["weight_std"],
     preseg_channels: int = DEMO_DEFAULTS["preseg_channels"],
     head_width: int = DEMO_DEFAULTS["head_width"],
+    norm_groups: int = DEMO_DEFAULTS["norm_groups"],
     threads: Optional[int] = None,
     seed: int = 0,
     val_interval: Optional[int] = None,
@@ -184,7 +199,9 @@ def run_demo(
 
     Args:
         output_dir: working folder (data cache, checkpoints, evaluation, inference output).
-        num_per_task: MOTS-synth training volumes per task (plus 1 validation and 2 test volumes).
+        num_per_task: MOTS-synth training volumes per task.
+        num_val_per_task: validation volumes per task (they pick the best checkpoint).
+        num_test_per_task: held-out test volumes per task (the Dice table).
         epochs: training epochs (one pass over the 7 * num_per_task volumes each).
         base_channels: DoDNet width (32 in the paper; 8 here).
         patch_size: training patch (whole volume) and sliding-window size, divisible by 16.
@@ -193,6 +210,8 @@ def run_demo(
         weight_std: weight-standardized convolutions (the paper's choice).
         preseg_channels, head_width: the dynamic head's input and hidden widths (8 and 8 in the paper);
             16 lets the short run separate the tasks' heads sooner (measured on MOTS-synth).
+        norm_groups: GroupNorm groups (16 in the paper at width 32, i.e. 2 channels per group at the first
+            level); 4 keeps that ratio at width 8 instead of normalizing every channel on its own.
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
         val_interval: validate every N epochs (default: 4 times per run).
@@ -216,8 +235,18 @@ def run_demo(
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     start = time.time()
 
-    print(f"[1/4] MOTS-synth: {num_per_task} training volumes per task (+1 validation, +2 test) ...", flush=True)
-    datalist = ensure_mots_synth(out / "data", num_per_task=num_per_task, seed=seed)
+    print(
+        f"[1/4] MOTS-synth: {num_per_task} training, {num_val_per_task} validation and {num_test_per_task} test "
+        "volumes per task ...",
+        flush=True,
+    )
+    datalist = ensure_mots_synth(
+        out / "data",
+        num_per_task=num_per_task,
+        seed=seed,
+        num_val_per_task=num_val_per_task,
+        num_test_per_task=num_test_per_task,
+    )
     times["generate"] = time.time() - start
 
     steps_per_epoch = int(np.ceil(7 * num_per_task / batch_size))
@@ -228,7 +257,7 @@ def run_demo(
     )
     t0 = time.time()
     common = {
-        **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width),
+        **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width, norm_groups),
         "datalist": str(datalist),
         "dataset_dir": "",
     }
@@ -271,11 +300,12 @@ def run_demo(
         print(f"[4/4] inference with configs/inference.json on held-out {image.name} (all tasks) ...", flush=True)
         t0 = time.time()
         infer_overrides = {
-            **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width),
+            **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width, norm_groups),
             "input": str(image),
             "output_dir": str(infer_dir),
             "ckpt_path": str(ckpt_dir / "model.pt"),
             "progress": False,
+            "save_masks": True,
         }
         held_out = {"case": image.name, "task": item["task"]}
         try:  # the evaluation results above are kept whatever happens here
@@ -284,7 +314,10 @@ def run_demo(
             if not segs:
                 raise RuntimeError(f"inference wrote no *_seg.nii.gz under {infer_dir}")
             held_out["label_map"] = str(segs[0])
-            held_out["dice"] = score_label_map(segs[0], Path(datalist).parent / item["label"], item["task"])
+            case = segs[0].name[: -len("_seg.nii.gz")]
+            held_out["dice"] = score_structure_masks(
+                infer_dir, case, Path(datalist).parent / item["label"], item["task"]
+            )
         except Exception as err:  # noqa: BLE001 - reported, and the run's other results are still printed
             held_out["error"] = f"{type(err).__name__}: {err}"
             logger.error("inference on the held-out case failed: %s", held_out["error"])
@@ -297,6 +330,8 @@ def run_demo(
         "held_out": held_out,
         "settings": {
             "num_per_task": num_per_task,
+            "num_val_per_task": num_val_per_task,
+            "num_test_per_task": num_test_per_task,
             "epochs": epochs,
             "base_channels": base_channels,
             "patch_size": list(patch_size),
@@ -305,15 +340,14 @@ def run_demo(
             "weight_std": weight_std,
             "preseg_channels": preseg_channels,
             "head_width": head_width,
+            "norm_groups": norm_groups,
             "threads": threads,
             "seed": seed,
         },
         "cpu_count": os.cpu_count(),
         "load_average": {"start": load_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
-    tmp = out / f".tmp-{os.getpid()}-demo_result.json"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "demo_result.json")
+    write_json_atomic(result, out / "demo_result.json")
     print("\n" + format_table(summary, held_out))
     print(
         "time: "
