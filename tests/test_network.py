@@ -252,3 +252,35 @@ def test_in_place_sums_give_the_same_values_and_gradients(monkeypatch):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_inference_reuses_the_standardized_kernel_until_the_weights_change():
+    """Without autograd the standardized kernel is computed once; an optimizer step, load_state_dict or a
+    device/format move must invalidate it."""
+    net = tiny_net()
+    x = torch.randn(1, 1, *SHAPE)
+    conv = net.backbone.conv1
+
+    def fresh():  # the definition, recomputed from the raw kernel
+        return F.conv3d(x, standardize_weight(conv.weight), None, conv.stride, conv.padding)
+
+    with torch.no_grad():
+        first = conv(x)
+        cached = conv.__dict__["_standardized"][1]
+        torch.testing.assert_close(first, fresh())
+        assert conv(x) is not first and conv.__dict__["_standardized"][1] is cached  # reused
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net.train()
+    net(x, torch.tensor([0])).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), fresh())  # in-place update seen
+        other = tiny_net()
+        other.backbone.conv1.weight.mul_(-1.0)
+        net.load_state_dict(other.state_dict())
+        torch.testing.assert_close(conv(x), fresh())
+        net.to(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(conv(x), fresh())
+    with torch.inference_mode():
+        made_inside = DoDNet(**TINY).eval()  # inference-tensor parameters have no version counter
+        assert made_inside(x).shape == (1, 14, *SHAPE)

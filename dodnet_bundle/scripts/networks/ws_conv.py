@@ -32,15 +32,34 @@ class WSConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose kernel is standardized (see :func:`standardize_weight`) on every call.
 
     The stored parameter is the raw kernel, so a checkpoint of the authors' layout loads as is.
+    Without autograd (inference) the standardized kernel is a constant: it is computed once and reused
+    until the raw kernel changes (a new tensor, or an in-place update such as ``load_state_dict``).
     Input (B, C_in, H, W, D) -> output (B, C_out, H', W', D') exactly as ``nn.Conv3d``.
     """
+
+    __jit_ignored_attributes__ = ["_standardized"]
 
     def __init__(self, *args, eps: float = 1e-12, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.is_grad_enabled():
+                return self._conv_forward(x, self._standardized_constant(), self.bias)
         return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+
+    @torch.jit.unused
+    def _standardized_constant(self) -> torch.Tensor:
+        w = self.weight
+        if w.is_inference():  # created under torch.inference_mode: no version counter to watch
+            return standardize_weight(w, self.eps)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride(), self.eps)
+        cached = self.__dict__.get("_standardized")
+        if cached is None or cached[0] != key:
+            cached = (key, standardize_weight(w.detach(), self.eps))
+            self.__dict__["_standardized"] = cached
+        return cached[1]
 
 
 def make_conv3d(
