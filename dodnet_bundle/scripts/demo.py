@@ -3,9 +3,10 @@
 ``bash dev.sh demo`` (console script ``dodnet-demo``) runs, through the bundle's own configs:
 
 1. ``scripts.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once);
-2. ``configs/train.json`` with overrides for a laptop CPU (DoDNet of width 8, whole-volume patches of
-   64 x 64 x 32 voxels, Adam, a few hundred iterations, no spatial augmentation: left-right flips would
-   swap the liver and spleen sides of the phantom; the published augmentations stay in train.json);
+2. ``configs/train.json`` with overrides for a laptop CPU (DoDNet of width 8 with GroupNorm groups scaled
+   to the width, whole-volume patches of 64 x 64 x 32 voxels, Adam, about 1,850 iterations, no spatial
+   augmentation: left-right flips would swap the liver and spleen sides of the phantom; the published
+   augmentations stay in train.json);
 3. ``configs/train.json`` + ``configs/evaluate.json``: Dice per task and structure on the held-out
    test split (``summary.json``, ``metrics.csv``);
 4. ``configs/inference.json``: all seven tasks on one held-out volume, written as a merged label map
@@ -51,7 +52,8 @@ DEMO_DEFAULTS: Dict[str, Any] = {
     "head_width": 16,
     "norm_groups": 4,
 }
-"""Settings of the default demo (about 1000 iterations of batch 2 on 84 training volumes)."""
+"""Settings of the default demo: 44 epochs x 42 = 1,848 iterations of batch 2 on 84 training volumes,
+about 8 minutes on 2 CPU cores."""
 
 
 def _workflow(config_files: Sequence[str], workflow_type: Optional[str], overrides: Dict[str, Any]) -> Any:
