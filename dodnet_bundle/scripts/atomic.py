@@ -2,7 +2,8 @@
 
 An interrupted run (crash, SIGKILL, full disk) never leaves a half-written file under the final name,
 and readers never see a partial file. Every writer of the bundle (label maps, reports, metrics,
-datalists, checkpoints, exports, release zips, MOTS-synth volumes) goes through ``atomic_output``.
+datalists, converted checkpoints, ONNX exports, release zips, MOTS-synth volumes) goes through
+``atomic_output`` (training checkpoints are written atomically by Ignite's own saver).
 Dependency-free on purpose: the data generators import it without torch or MONAI.
 """
 
