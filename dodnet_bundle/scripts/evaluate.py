@@ -65,8 +65,8 @@ from .metrics import (
     structure_metrics,
     structure_task,
     summarize,
-    write_csv_atomic,
-    write_json_atomic,
+    write_metrics_csv,
+    write_metrics_json,
 )
 from .tasks import TASKS, resolve_task
 
@@ -421,8 +421,8 @@ def evaluate_folders(
         "seconds": round(time.time() - start, 3),
         **summarize(rows, both_empty=both_empty),
     }
-    write_csv_atomic(output_dir / csv_name, rows)
-    write_json_atomic(output_dir / summary_name, summary)
+    write_metrics_csv(output_dir / csv_name, rows)
+    write_metrics_json(output_dir / summary_name, summary)
     if failed and fail_on_error:
         lines = "\n".join(f"  {f['case']}: {f['error']}" for f in failed)
         raise RuntimeError(f"{len(failed)} of {len(pairs)} case(s) failed (others written to {output_dir}):\n{lines}")

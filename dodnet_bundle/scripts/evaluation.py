@@ -25,8 +25,8 @@ from .metrics import (
     spacing_from_affine,
     structure_metrics,
     summarize,
-    write_csv_atomic,
-    write_json_atomic,
+    write_metrics_csv,
+    write_metrics_json,
 )
 from .tasks import resolve_task
 from .weights import load_network_weights
@@ -201,8 +201,8 @@ class StructureMetricsSaver:
         }
         if writer:
             csv_path, json_path = Path(self.csv_name), Path(self.summary_name)
-            write_csv_atomic(self.output_dir / f"{csv_path.stem}{suffix}{csv_path.suffix}", rows)
-            write_json_atomic(self.output_dir / f"{json_path.stem}{suffix}{json_path.suffix}", summary)
+            write_metrics_csv(self.output_dir / f"{csv_path.stem}{suffix}{csv_path.suffix}", rows)
+            write_metrics_json(self.output_dir / f"{json_path.stem}{suffix}{json_path.suffix}", summary)
             t6 = summary["table6_average"]
             logger.info(
                 "evaluation of %d case(s): mean Dice %s, HD95 %s mm over %d of 11 classes; written to %s",

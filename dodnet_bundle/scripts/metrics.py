@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from .atomic import write_text_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .tasks import TASKS, LabelRule, TaskSpec, merged_label_names
 
 __all__ = [
@@ -53,8 +52,8 @@ __all__ = [
     "spacing_from_affine",
     "structure_metrics",
     "summarize",
-    "write_csv_atomic",
-    "write_json_atomic",
+    "write_metrics_csv",
+    "write_metrics_json",
 ]
 
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -256,8 +255,8 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_csv_atomic(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> None:
-    """Write rows as CSV (NaN as ``nan``, infinity as ``inf``) to a temporary file, then rename it to ``path``."""
+def write_metrics_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """Write metric rows as CSV (NaN as ``nan``, infinity as ``inf``) to ``path``, atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
@@ -266,6 +265,6 @@ def write_csv_atomic(path: Path, rows: Iterable[Mapping[str, Any]], columns: Seq
     write_text_atomic(buf.getvalue(), path)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write strict JSON (NaN/inf as null) to a temporary file, then rename it to ``path``."""
-    write_text_atomic(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n", path)
+def write_metrics_json(path: Path, obj: Any) -> None:
+    """Write a metrics summary as strict JSON (NaN/inf as null) to ``path``, atomically."""
+    write_json_atomic(_json_safe(obj), path, allow_nan=False)
