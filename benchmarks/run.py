@@ -5,8 +5,9 @@
     python benchmarks/run.py --patch 96,96,32 --skip volume,train   # a quick look
 
 Sections (``--skip`` takes a comma-separated list of their names):
-- ``patch``: forward on one patch: DoDNet with 1 task, all 7 tasks in one pass, 7 backbone passes
-  ("Multi-Nets"), a shared encoder with 7 decoders ("Multi-Head"), and MONAI's DynUNet (nnU-Net
+- ``patch``: forward on one patch: DoDNet with 1 task, all 7 tasks in one pass (eager dynamic head,
+  and the ``torch.compile``-fused head of ``compile_head`` unless ``--no-compile-head``), 7 backbone
+  passes ("Multi-Nets"), a shared encoder with 7 decoders ("Multi-Head"), and MONAI's DynUNet (nnU-Net
   3d_fullres), the wholeBody bundle's SegResNet and SwinUNETR (feature size 48); ratios to 1 task.
 - ``efficiency``: achieved GFLOP/s of the DoDNet forward (``torch.utils.flop_counter``) for the plain
   eager path and the fast paths, against a same-run large fp32 matmul; bf16 speed-up.
@@ -40,7 +41,13 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from competitors import MultiHeadDoDNet, dynunet_3d_fullres, segresnet_wholebody, swinunetr_universal  # noqa: E402
 
-from scripts.acceleration import autocast, input_to_channels_last, to_channels_last  # noqa: E402
+from scripts.acceleration import (  # noqa: E402
+    autocast,
+    compile_dynamic_heads,
+    input_to_channels_last,
+    to_channels_last,
+)
+from scripts.networks.fused_head import fused_head_status  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
 
 
@@ -142,6 +149,23 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
         t_one, t_all = pair["one"], pair["all"]
         table.add("DoDNet, 1 task", t_one, 1.0)
         table.add("DoDNet, all 7 tasks in one pass", t_all, t_all / t_one)
+        t_one_c = t_all_c = None
+        if args.compile_head:
+            compile_dynamic_heads(dodnet)
+            start = time.perf_counter()
+            run(x, one), run(x)  # compiles the fused head for K = 1 (used once per task for K = 7)
+            compile_s = time.perf_counter() - start
+            status = fused_head_status()
+            if status == "compiled":
+                pair = best_of_interleaved(
+                    {"one": lambda: run(x, one), "all": lambda: run(x)}, device, args.repeats + 2
+                )
+                t_one_c, t_all_c = pair["one"], pair["all"]
+                table.add(f"DoDNet, 1 task, compiled head (compiling {compile_s:.0f} s)", t_one_c, t_one_c / t_one)
+                table.add("DoDNet, all 7 tasks, compiled head", t_all_c, t_all_c / t_one)
+            else:
+                print(f"compiled head skipped: {status}", flush=True)
+            compile_dynamic_heads(dodnet, enabled=False)
         t_multi = best_of(lambda: [run(x, k) for k in singles], device, max(1, args.repeats // 2), 0)
         table.add("Multi-Nets (7 backbone passes)", t_multi, t_multi / t_one)
         results = {"one": t_one, "all": t_all, "multi_nets": t_multi}
@@ -158,10 +182,18 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
             results[name] = seconds
     fastest_other = min(v for k, v in results.items() if k not in ("one", "all", "multi_nets"))
     summary = Table("Targets (patch)", ["target", "measured", "met"])
-    summary.rows.append(["all 7 / 1 task <= 1.03", f"{t_all / t_one:.3f}", str(t_all / t_one <= 1.03)])
+    summary.rows.append(["all 7 / 1 task <= 1.03, eager head", f"{t_all / t_one:.3f}", str(t_all / t_one <= 1.03)])
+    if t_one_c is not None and t_all_c is not None:
+        ratio = t_all_c / t_one_c
+        summary.rows.append(["all 7 / 1 task <= 1.03, compiled head", f"{ratio:.3f}", str(ratio <= 1.03)])
+    t_best = min(t for t in (t_all, t_all_c) if t is not None)
     summary.rows.append(["Multi-Nets / all 7 >= 6.5", f"{t_multi / t_all:.2f}", str(t_multi / t_all >= 6.5)])
     summary.rows.append(
-        ["all-7 DoDNet fastest of the alternatives", f"{t_all:.3f} vs {fastest_other:.3f}", str(t_all < fastest_other)]
+        [
+            "all-7 DoDNet fastest of the alternatives",
+            f"{t_best:.3f} vs {fastest_other:.3f}",
+            str(t_best < fastest_other),
+        ]
     )
     return [table, summary]
 
@@ -249,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--train-patch", default="96,96,32", help="H,W,D of the CPU training patch")
     parser.add_argument("--precision", default=None, help="fast-path precision (default: bf16 on CPU and GPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-compile-head", dest="compile_head", action="store_false", help="skip the compiled-head rows"
+    )
     parser.add_argument("--volume-precision", default="fp32", help="network precision of the whole-volume run")
     parser.add_argument("--volume-overlap", type=float, default=0.5, help="window overlap of the whole-volume run")
     parser.add_argument("--skip", default="", help="sections to skip: patch,efficiency,volume,train")

@@ -1,13 +1,23 @@
-"""Fast inference paths (channels-last, bf16 autocast) agree with the plain fp32 forward."""
+"""Fast inference paths (channels-last, bf16 autocast, compiled head) agree with the plain fp32 forward."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
-from scripts.acceleration import autocast, input_to_channels_last, to_channels_last
+from scripts.acceleration import autocast, compile_dynamic_heads, input_to_channels_last, to_channels_last
 from scripts.inferer import TaskSlidingWindowInferer
-from scripts.networks import DoDNet
+from scripts.networks import DoDNet, DynamicHead
+from scripts.networks import fused_head as fused_head_module
+from scripts.networks.fused_head import fused_head_status, pointwise_head
+
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile of the dynamic head needs a C++ compiler on the CPU; none on PATH",
+)
 
 
 def tiny_net() -> DoDNet:
@@ -52,3 +62,92 @@ def test_inferer_fast_path_matches_fp32_eager():
     assert probabilities.shape == expected.shape == (1, 14, 40, 36, 20)
     assert (probabilities - expected).abs().max() < 0.05
     assert ((probabilities > 0.5) == (expected > 0.5)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("depth, width", [(2, 4), (3, 8), (4, 16)])
+def test_pointwise_head_equals_the_eager_head(depth, width):
+    torch.manual_seed(depth)
+    head = DynamicHead(in_channels=8, width=width, depth=depth)
+    features, params = torch.randn(2, 8, 6, 5, 4), 0.5 * torch.randn(2, 3, head.num_params)
+    weights, biases = head.split_params(params)
+    expected = head(features, params)
+    for k in range(3):  # the pointwise form computes one head: the k-th task's two channels
+        out = pointwise_head(features.reshape(2, 8, -1), [w[:, k] for w in weights], [b[:, k] for b in biases])
+        # same sums in another order (float32 rounding only)
+        torch.testing.assert_close(out.reshape(2, 2, 6, 5, 4), expected[:, 2 * k : 2 * k + 2], atol=1e-4, rtol=1e-4)
+
+
+@needs_compiler
+def test_compiled_head_matches_eager_in_fp32_and_bf16():
+    net, x = tiny_net(), torch.randn(1, 1, 32, 32, 16)
+    tasks = torch.tensor([[5, 0, 3]])
+    with torch.inference_mode():
+        expected, expected_bf16 = net(x, tasks), None
+        with autocast("cpu", "bf16"):
+            expected_bf16 = net(x, tasks)
+        compile_dynamic_heads(net)
+        compiled = net(x, tasks)
+        assert fused_head_status() == "compiled"  # the fused kernel ran, not the fallback
+        with autocast("cpu", "bf16"):
+            compiled_bf16 = net(x, tasks)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+    assert compiled_bf16.dtype == torch.bfloat16
+    # the fused kernel keeps hidden activations in float32: at least as close to fp32 as the eager bf16 head
+    error_compiled = (compiled_bf16.float() - expected).abs().max()
+    error_eager = (expected_bf16.float() - expected).abs().max()
+    assert error_compiled <= error_eager + 0.02 * expected.abs().max()
+
+
+def test_compiled_head_is_not_used_with_autograd(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused_head_module, "_compiled", lambda *args: calls.append(1) or None)
+    net, x = tiny_net(), torch.randn(1, 1, 32, 32, 16)
+    compile_dynamic_heads(net)
+    out = net(x, torch.tensor([1]))
+    assert out.requires_grad and calls == []  # training keeps the eager, differentiable head
+    out.sum().backward()
+    assert net.controller.fc.weight.grad is not None  # gradients reach the controller through the head
+
+
+def test_compile_failure_warns_once_and_keeps_the_eager_head(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no working C++ compiler\ndetails")
+
+    monkeypatch.setattr(fused_head_module, "_compiled", broken)
+    monkeypatch.setattr(fused_head_module, "_failure", None)
+    net, x = tiny_net(), torch.randn(1, 1, 32, 32, 16)
+    with torch.inference_mode():
+        expected = net(x)
+        compile_dynamic_heads(net)
+        with pytest.warns(UserWarning, match="compiling the dynamic head failed .*no working C\\+\\+ compiler"):
+            out = net(x)
+        torch.testing.assert_close(out, expected)
+        assert fused_head_status() == "unavailable: RuntimeError: no working C++ compiler"
+        torch.testing.assert_close(net(x), expected)  # later calls stay eager without compiling again
+
+
+def test_compile_dynamic_heads_switches_every_head_and_rejects_other_networks():
+    net = tiny_net()
+    assert compile_dynamic_heads(net) is net and net.head.compiled
+    compile_dynamic_heads(net, enabled=False)
+    assert not net.head.compiled
+    with pytest.raises(ValueError, match="Conv3d has no DoDNet dynamic head"):
+        compile_dynamic_heads(torch.nn.Conv3d(1, 1, 1))
+
+
+@needs_compiler
+def test_inference_config_compile_head_runs_the_compiled_kernel(bundle_root):
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    assert parser["compile_head"] is False  # opt-in: compiling costs seconds and needs a compiler
+    parser.update({"compile_head": True, "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)})
+    inferer = parser.get_parsed_content("inferer")
+    assert inferer.compile_head
+    net, image = tiny_net(), torch.randn(1, 1, 40, 36, 20)
+    plain = TaskSlidingWindowInferer(roi_size=(32, 32, 16), stitch_dtype="float16")
+    with torch.inference_mode():
+        expected = plain(image, net)
+        assert not net.head.compiled
+        probabilities = inferer(image, net)
+    assert net.head.compiled and fused_head_status() == "compiled"
+    torch.testing.assert_close(probabilities, expected, atol=2e-3, rtol=0)

@@ -2,6 +2,7 @@
 
 ``precision``: ``"fp32"`` (default), ``"bf16"`` (CPUs with AVX-512 bf16/AMX, and GPUs) or ``"fp16"``
 (GPUs). Channels-last 3-D lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+``compile_dynamic_heads`` switches the dynamic heads to their ``torch.compile``-fused inference kernel.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "autocast", "to_channels_last", "input_to_channels_last"]
+from .networks.dynamic_head import DynamicHead
+
+__all__ = ["PRECISIONS", "autocast", "to_channels_last", "input_to_channels_last", "compile_dynamic_heads"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,3 +41,17 @@ def to_channels_last(network: nn.Module) -> nn.Module:
 def input_to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """A 5-D input in channels-last 3-D layout (other tensors unchanged)."""
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
+
+
+def compile_dynamic_heads(network: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run every ``DynamicHead`` of ``network`` as its compiled fused kernel during inference (in place).
+
+    Raises ``ValueError`` when ``enabled`` and the network has no dynamic head (a TorchScript or
+    TensorRT module, another architecture): the setting would silently do nothing.
+    """
+    heads = [m for m in network.modules() if isinstance(m, DynamicHead)]
+    if enabled and not heads:
+        raise ValueError(f"compile_head: {type(network).__name__} has no DoDNet dynamic head to compile")
+    for head in heads:
+        head.compiled = enabled
+    return network

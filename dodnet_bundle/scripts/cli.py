@@ -1,7 +1,8 @@
 """``dodnet-segment``: whole-volume segmentation from the command line, a thin layer over inference.json.
 
     dodnet-segment INPUT OUTPUT_DIR [--tasks liver,kidney] [--tta] [--device cuda] [--preview]
-                   [--precision bf16] [--ckpt models/model.pt] [--save_masks] [--save_probabilities] [--no_postprocess]
+                   [--precision bf16] [--compile_head] [--ckpt models/model.pt] [--save_masks]
+                   [--save_probabilities] [--no_postprocess]
 
 INPUT is a NIfTI/NRRD file, a DICOM series folder, a folder of those, or several of them separated
 by commas. The command only turns its options into overrides of ``configs/inference.json`` and runs
@@ -39,6 +40,7 @@ def segment(
     tta: bool = False,
     device: Optional[str] = None,
     precision: Optional[str] = None,
+    compile_head: bool = False,
     preview: bool = False,
     ckpt: Optional[str] = None,
     save_masks: bool = False,
@@ -58,6 +60,8 @@ def segment(
         tta: 8-flip test-time augmentation.
         device: "cpu", "cuda", "cuda:1" (default: CUDA when available).
         precision: "fp32" (default), "bf16" (fast on CPUs with AVX-512 bf16/AMX and on GPUs) or "fp16" (GPUs).
+        compile_head: run the dynamic heads as ``torch.compile``-fused kernels (faster when all tasks run;
+            compiles for a few seconds first; needs a C++ compiler on the CPU).
         preview: also write ``<case>_preview.png``.
         ckpt: weights file (default: the bundle's ``models/model.pt``).
         save_masks / save_probabilities: per-structure outputs.
@@ -94,6 +98,8 @@ def segment(
         settings["device"] = f"$torch.device({str(device)!r})"
     if precision is not None:
         settings["precision"] = str(precision)
+    if compile_head:
+        settings["compile_head"] = True
     if ckpt is not None:
         settings["ckpt_path"] = str(Path(ckpt))
     if sw_batch_size is not None:

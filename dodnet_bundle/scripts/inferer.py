@@ -18,7 +18,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 
-from .acceleration import PRECISIONS, autocast, input_to_channels_last, to_channels_last
+from .acceleration import PRECISIONS, autocast, compile_dynamic_heads, input_to_channels_last, to_channels_last
 from .tasks import TaskSpec, resolve_tasks
 
 __all__ = ["TaskSlidingWindowInferer", "flip_combinations", "as_bool"]
@@ -93,6 +93,8 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             of the network (see ``scripts.acceleration``).
         channels_last: run the network in channels-last 3-D layout (faster oneDNN/cuDNN convolutions);
             converts the network's parameters in place on the first call.
+        compile_head: run the dynamic heads as one ``torch.compile``-fused kernel per task (same results;
+            a few seconds of compiling on the first window; needs a C++ compiler on the CPU).
         padding_mode, cval: padding of images smaller than one window (undone in the output).
         sw_device: device of the windows (the network's device); stitching happens on ``device``.
         device: device of the stitched output (None: the input's device).
@@ -121,6 +123,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         compute_dtype: Union[str, torch.dtype] = "float32",
         precision: str = "fp32",
         channels_last: Union[bool, str] = False,
+        compile_head: Union[bool, str] = False,
         padding_mode: str = "constant",
         cval: float = 0.0,
         sw_device: Union[torch.device, str, None] = None,
@@ -153,6 +156,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.channels_last = as_bool(channels_last)
+        self.compile_head = as_bool(compile_head)
 
     @property
     def task_id(self) -> torch.Tensor:
@@ -166,6 +170,8 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             raise ValueError(f"inputs must be (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         if self.channels_last and isinstance(network, torch.nn.Module):
             to_channels_last(network)
+        if self.compile_head and isinstance(network, torch.nn.Module):
+            compile_dynamic_heads(network)
         predictor = _TaskProbabilities(
             network, kwargs.pop("task_id", self.task_id), self.compute_dtype, self.precision, self.channels_last
         )

@@ -1,0 +1,89 @@
+"""The dynamic head as one compiled elementwise kernel per task, for inference.
+
+The eager :class:`~scripts.networks.dynamic_head.DynamicHead` runs its layers as batched 8 x 8 matrix
+products: each layer reads and writes the whole map, so on a CPU the seven heads cost about as much
+memory traffic as a backbone stage. Written as explicit multiply-adds over the channels, the layers of
+one head are elementwise code that ``torch.compile`` (Inductor: a C++/OpenMP loop on the CPU, a Triton
+kernel on CUDA) fuses into a single loop: the map is read once, the hidden activations stay in
+registers (float32 arithmetic for bf16/fp16 inputs) and only the head's 2 output channels are written.
+
+Compiling takes a few seconds per input shape and dtype (cached by PyTorch across runs) and needs a C++
+compiler on the CPU. Where compiling fails the head warns once and stays eager.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, List, Optional
+
+import torch
+
+__all__ = ["pointwise_head", "fused_head", "fused_head_status"]
+
+
+def pointwise_head(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    """One dynamic head written as elementwise multiply-adds (the form ``torch.compile`` fuses).
+
+    Args:
+        x: (B, C, N) map, N voxels.
+        weights: per layer (B, C_out, C_in) kernels of this head.
+        biases: per layer (B, C_out) biases.
+
+    Returns:
+        (B, C_out of the last layer, N) logits; ReLU between layers, none after the last.
+    """
+    hidden = [x[:, c] for c in range(x.shape[1])]  # C tensors of (B, N)
+    last = len(weights) - 1
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        outputs = []
+        for o in range(weight.shape[1]):
+            acc = bias[:, o, None] + weight[:, o, 0, None] * hidden[0]
+            for i in range(1, weight.shape[2]):
+                acc = acc + weight[:, o, i, None] * hidden[i]
+            outputs.append(acc if layer == last else torch.relu(acc))
+        hidden = outputs
+    return torch.stack(hidden, 1)
+
+
+_compiled: Optional[Callable[..., torch.Tensor]] = None
+_failure: Optional[str] = None
+
+
+def fused_head_status() -> str:
+    """``"not compiled yet"``, ``"compiled"`` or ``"unavailable: <reason>"`` (for logs and tests)."""
+    if _failure is not None:
+        return f"unavailable: {_failure}"
+    return "compiled" if _compiled is not None else "not compiled yet"
+
+
+def fused_head(
+    features: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """All K heads of a batch through the compiled kernel, or ``None`` where compiling is unavailable.
+
+    Args:
+        features: (B, C, H, W, D) pre-segmentation map (any memory format).
+        weights: per layer (B, K, C_out, C_in) kernels; biases: per layer (B, K, C_out).
+
+    Returns:
+        (B, K * C_out, H, W, D) logits, contiguous, channels ``[2k, 2k + 1]`` of the k-th task (as the
+        eager head), or ``None`` after a compile failure (warned once).
+    """
+    global _compiled, _failure
+    if _failure is not None:
+        return None
+    if _compiled is None:
+        _compiled = torch.compile(pointwise_head, dynamic=False)
+    batch, channels, tasks = features.shape[0], features.shape[1], weights[0].shape[1]
+    x = features.reshape(batch, channels, -1).contiguous()  # one (B, C, N) copy shared by the K heads
+    try:
+        outputs = [
+            _compiled(x, [w[:, k].contiguous() for w in weights], [b[:, k].contiguous() for b in biases])
+            for k in range(tasks)
+        ]
+    except Exception as error:  # no C++ compiler, unsupported backend: the eager head still works
+        _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"compiling the dynamic head failed ({_failure}); using the eager head", stacklevel=2)
+        return None
+    out = outputs[0] if tasks == 1 else torch.cat(outputs, 1)
+    return out.reshape([batch, out.shape[1]] + list(features.shape[2:]))
