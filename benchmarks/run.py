@@ -47,8 +47,8 @@ from scripts.acceleration import (  # noqa: E402
     input_to_channels_last,
     to_channels_last,
 )
-from scripts.networks.fused_head import fused_head_status  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
+from scripts.networks.fused_head import fused_head_status  # noqa: E402
 
 
 def machine_name(device: torch.device) -> str:
