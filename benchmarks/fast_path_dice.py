@@ -10,7 +10,8 @@ target (issue 6): every difference <= 0.005.
     python benchmarks/fast_path_dice.py --demo_dir demo_output
 
 Paths: ``fp32-eager`` (contiguous memory format), ``fp32-cl`` (channels-last 3-D), ``bf16-cl`` (bf16
-autocast + channels-last), ``bf16-eager``. Prints one JSON line at the end (``--json`` also writes it).
+autocast + channels-last), ``bf16-eager``, ``bf16-cl-compiled`` (bf16 channels-last with the
+``torch.compile``-fused dynamic head, ``compile_head``). Prints one JSON line at the end (``--json`` also writes it).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ sys.path.insert(0, str(BUNDLE_ROOT))
 from scripts.demo import _network_overrides, _workflow, score_structure_masks  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
 
-PATHS: Dict[str, Tuple[str, bool]] = {
-    "fp32-eager": ("fp32", False),
-    "fp32-cl": ("fp32", True),
-    "bf16-cl": ("bf16", True),
-    "bf16-eager": ("bf16", False),
+PATHS: Dict[str, Tuple[str, bool, bool]] = {
+    "fp32-eager": ("fp32", False, False),
+    "fp32-cl": ("fp32", True, False),
+    "bf16-cl": ("bf16", True, False),
+    "bf16-eager": ("bf16", False, False),
+    "bf16-cl-compiled": ("bf16", True, True),
 }
-"""Path name -> (precision, channels_last) of configs/inference.json."""
+"""Path name -> (precision, channels_last, compile_head) of configs/inference.json."""
 REFERENCE = "fp32-eager"
 TOLERANCE = 0.005
 
@@ -46,7 +48,7 @@ def run_path(
     demo_dir: Path, settings: Dict, items: List[Dict], root: Path, path: str, out_dir: Path, postprocess: bool
 ) -> Dict:
     """Infer every test case with one path; returns ``{"seconds", "dice": {task: {structure: [per case]}}}``."""
-    precision, channels_last = PATHS[path]
+    precision, channels_last, compile_head = PATHS[path]
     overrides = {
         **_network_overrides(
             settings["base_channels"],
@@ -61,6 +63,7 @@ def run_path(
         "ckpt_path": str(demo_dir / "models" / "model.pt"),
         "precision": precision,
         "channels_last": channels_last,
+        "compile_head": compile_head,
         "device": "$torch.device('cpu')",
         "progress": False,
         "save_masks": True,

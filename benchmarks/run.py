@@ -145,7 +145,7 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
     run = fast(dodnet, device, precision)
     one, singles = torch.tensor([0], device=device), [torch.tensor([k], device=device) for k in range(7)]
     with torch.inference_mode():
-        pair = best_of_interleaved({"one": lambda: run(x, one), "all": lambda: run(x)}, device, args.repeats + 2)
+        pair = best_of_interleaved({"one": lambda: run(x, one), "all": lambda: run(x)}, device, 3 * args.repeats)
         t_one, t_all = pair["one"], pair["all"]
         table.add("DoDNet, 1 task", t_one, 1.0)
         table.add("DoDNet, all 7 tasks in one pass", t_all, t_all / t_one)
@@ -158,7 +158,7 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
             status = fused_head_status()
             if status == "compiled":
                 pair = best_of_interleaved(
-                    {"one": lambda: run(x, one), "all": lambda: run(x)}, device, args.repeats + 2
+                    {"one": lambda: run(x, one), "all": lambda: run(x)}, device, 3 * args.repeats
                 )
                 t_one_c, t_all_c = pair["one"], pair["all"]
                 table.add(f"DoDNet, 1 task, compiled head (compiling {compile_s:.0f} s)", t_one_c, t_one_c / t_one)

@@ -1,11 +1,12 @@
-"""The dynamic head as one compiled elementwise kernel per task, for inference.
+"""The dynamic head as one compiled elementwise kernel, run once per task, for inference.
 
 The eager :class:`~scripts.networks.dynamic_head.DynamicHead` runs its layers as batched 8 x 8 matrix
 products: each layer reads and writes the whole map, so on a CPU the seven heads cost about as much
 memory traffic as a backbone stage. Written as explicit multiply-adds over the channels, the layers of
 one head are elementwise code that ``torch.compile`` (Inductor: a C++/OpenMP loop on the CPU, a Triton
 kernel on CUDA) fuses into a single loop: the map is read once, the hidden activations stay in
-registers (float32 arithmetic for bf16/fp16 inputs) and only the head's 2 output channels are written.
+registers (float32 arithmetic for bf16/fp16 inputs) and only the head's 2 output channels are written,
+straight into their slice of the K-task output. One compiled graph serves every task and every K.
 
 Compiling takes a few seconds per input shape and dtype (cached by PyTorch across runs) and needs a C++
 compiler on the CPU. Where compiling fails the head warns once and stays eager.
@@ -45,7 +46,13 @@ def pointwise_head(x: torch.Tensor, weights: List[torch.Tensor], biases: List[to
     return torch.stack(hidden, 1)
 
 
-_compiled: Optional[Callable[..., torch.Tensor]] = None
+def _head_into(out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> None:
+    """``pointwise_head`` written into ``out`` (B, C_out, N), a channel slice of the K-task output: the
+    compiled kernel stores there directly, with no per-task temporary and no concatenation."""
+    out.copy_(pointwise_head(x, weights, biases))
+
+
+_compiled: Optional[Callable[..., None]] = None
 _failure: Optional[str] = None
 
 
@@ -73,17 +80,18 @@ def fused_head(
     if _failure is not None:
         return None
     if _compiled is None:
-        _compiled = torch.compile(pointwise_head, dynamic=False)
+        _compiled = torch.compile(_head_into, dynamic=False)
     batch, channels, tasks = features.shape[0], features.shape[1], weights[0].shape[1]
+    head_out = weights[-1].shape[2]
     x = features.reshape(batch, channels, -1).contiguous()  # one (B, C, N) copy shared by the K heads
+    out = torch.empty((batch, tasks * head_out, x.shape[2]), dtype=x.dtype, device=x.device)
     try:
-        outputs = [
-            _compiled(x, [w[:, k].contiguous() for w in weights], [b[:, k].contiguous() for b in biases])
-            for k in range(tasks)
-        ]
+        for k in range(tasks):  # one compiled graph serves every task (and every K)
+            head_weights = [w[:, k].contiguous() for w in weights]
+            head_biases = [b[:, k].contiguous() for b in biases]
+            _compiled(out[:, k * head_out : (k + 1) * head_out], x, head_weights, head_biases)
     except Exception as error:  # no C++ compiler, unsupported backend: the eager head still works
         _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         warnings.warn(f"compiling the dynamic head failed ({_failure}); using the eager head", stacklevel=2)
         return None
-    out = outputs[0] if tasks == 1 else torch.cat(outputs, 1)
     return out.reshape([batch, out.shape[1]] + list(features.shape[2:]))
