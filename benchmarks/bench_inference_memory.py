@@ -120,6 +120,7 @@ def child(args: argparse.Namespace) -> None:
         overlap=args.overlap,
         stitch_dtype=args.stitch_dtype,
         precision=args.precision,
+        compile_head=args.compile_head,
         **overrides,
     )
     stop.set()
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--mode", default="pipeline", choices=["pipeline", "window"])
     parser.add_argument("--budget_mb", type=float, default=6 * 1024)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
+    parser.add_argument("--compile_head", action="store_true", help="torch.compile-fused dynamic heads")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--device", default="cpu", help="device of the network (the stitched output stays on the CPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -161,6 +163,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--image", str(image), "--workdir", tmp, "--mode", args.mode]
         cmd += ["--stitch_dtype", args.stitch_dtype, "--overlap", str(args.overlap), "--threads", str(args.threads)]
         cmd += ["--network", args.network, "--precision", args.precision, "--device", args.device]
+        cmd += ["--compile_head"] if args.compile_head else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -180,6 +183,7 @@ def main() -> None:
             "tasks": 7,
             "stitch_dtype": args.stitch_dtype,
             "precision": args.precision,
+            "compile_head": args.compile_head,
             "overlap": args.overlap,
             "peak_rss_mb": round(peak_mb, 1),
             "budget_mb": args.budget_mb,

@@ -246,6 +246,7 @@ def volume_section(args, device: torch.device) -> List[Table]:
         report = Path(tmp) / "volume.json"
         cmd = [sys.executable, str(script), "--json", str(report), "--precision", args.volume_precision]
         cmd += ["--overlap", str(args.volume_overlap), "--device", str(device)]
+        cmd += ["--compile_head"] if args.volume_compile_head else []
         subprocess.run(cmd, check=True)
         result: Dict[str, object] = json.loads(report.read_text())
     table.columns = list(result)
@@ -296,6 +297,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument("--volume-precision", default="fp32", help="network precision of the whole-volume run")
     parser.add_argument("--volume-overlap", type=float, default=0.5, help="window overlap of the whole-volume run")
+    parser.add_argument(
+        "--volume-compile-head", action="store_true", help="whole-volume run with the compiled dynamic heads"
+    )
     parser.add_argument("--skip", default="", help="sections to skip: patch,efficiency,volume,train")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -98,3 +98,27 @@ def test_find_cases_and_early_checks(tmp_path):
     (tmp_path / "ok.nii.gz").write_bytes(gzip.compress((folder / "short.nii").read_bytes()))
     with pytest.raises(BadInputError, match="truncated"):  # a complete gzip of a truncated NIfTI
         check_input(tmp_path / "ok.nii.gz")
+
+
+def test_fast_path_options_become_inference_config_overrides(monkeypatch, tmp_path):
+    import monai.bundle
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(monai.bundle, "ConfigWorkflow", capture)
+    from scripts.cli import segment
+
+    with pytest.raises(Captured):
+        segment(str(tmp_path / "ct.nii.gz"), str(tmp_path / "out"), precision="bf16", compile_head=True)
+    assert seen["precision"] == "bf16" and seen["compile_head"] is True
+    seen.clear()
+    with pytest.raises(Captured):
+        segment(str(tmp_path / "ct.nii.gz"), str(tmp_path / "out"))
+    assert "precision" not in seen and "compile_head" not in seen  # the config's defaults apply

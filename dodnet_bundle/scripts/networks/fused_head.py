@@ -1,12 +1,13 @@
 """The dynamic head as one compiled elementwise kernel, run once per task, for inference.
 
 The eager :class:`~scripts.networks.dynamic_head.DynamicHead` runs its layers as batched 8 x 8 matrix
-products: each layer reads and writes the whole map, so on a CPU the seven heads cost about as much
-memory traffic as a backbone stage. Written as explicit multiply-adds over the channels, the layers of
-one head are elementwise code that ``torch.compile`` (Inductor: a C++/OpenMP loop on the CPU, a Triton
-kernel on CUDA) fuses into a single loop: the map is read once, the hidden activations stay in
-registers (float32 arithmetic for bf16/fp16 inputs) and only the head's 2 output channels are written,
-straight into their slice of the K-task output. One compiled graph serves every task and every K.
+products, each a pass over the map in memory with little arithmetic per byte: on a 2-core CPU seven
+eager heads take about 85 ms of a 2.1 s bf16 forward of a [192, 192, 64] patch, 5x one head. Written
+as explicit multiply-adds over the channels, the layers of one head are elementwise code that
+``torch.compile`` (Inductor: a C++/OpenMP loop on the CPU, a Triton kernel on CUDA) fuses into a
+single loop: the map is read once, the hidden activations stay in registers (float32 arithmetic for
+bf16/fp16 inputs) and only the head's 2 output channels are written, straight into their slice of the
+K-task output. One compiled graph serves every task and every K.
 
 Compiling takes a few seconds per input shape and dtype (cached by PyTorch across runs) and needs a C++
 compiler on the CPU. Where compiling fails the head warns once and stays eager.
