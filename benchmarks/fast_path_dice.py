@@ -81,6 +81,18 @@ def run_path(
     return {"seconds": round(seconds, 1), "dice": dice}
 
 
+def demo_datalist(demo_dir: Path, result: Dict) -> Path:
+    """The datalist the demo run trained and tested on (``demo_dir/data`` may hold other sizes' data sets)."""
+    if "datalist" in result:
+        return demo_dir / result["datalist"]
+    s = result["settings"]  # runs from before the datalist was recorded: match the data set's sizes
+    sizes = f"_{s['num_per_task']}-{s.get('num_val_per_task', 1)}-{s.get('num_test_per_task', 2)}"
+    found = [p for p in sorted(demo_dir.glob("data/*/datalist.json")) if p.parent.name.endswith(sizes)]
+    if len(found) != 1:
+        sys.exit(f"{demo_dir}/data: {len(found)} MOTS-synth data sets match the demo's sizes {sizes}; rerun the demo")
+    return found[0]
+
+
 def mean(values: List[Optional[float]]) -> Optional[float]:
     scored = [v for v in values if v is not None]
     return float(np.mean(scored)) if scored else None
@@ -102,10 +114,9 @@ def main() -> None:
     result_file = demo_dir / "demo_result.json"
     if not result_file.is_file() or not (demo_dir / "models" / "model.pt").is_file():
         sys.exit(f"{demo_dir}: no finished demo run (demo_result.json and models/model.pt); run `bash dev.sh demo`")
-    settings = json.loads(result_file.read_text())["settings"]
-    datalist = next(demo_dir.glob("data/*/datalist.json"), None)
-    if datalist is None:
-        sys.exit(f"{demo_dir}/data: no MOTS-synth datalist")
+    result = json.loads(result_file.read_text())
+    settings = result["settings"]
+    datalist = demo_datalist(demo_dir, result)
     items = json.loads(datalist.read_text())["test"]
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))

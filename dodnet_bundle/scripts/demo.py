@@ -221,7 +221,8 @@ def run_demo(
         infer: run configs/inference.json on one held-out volume.
 
     Returns:
-        ``{"times_s", "summary", "organ_mean_dice", "held_out", "settings", "load_average"}``.
+        ``{"times_s", "summary", "organ_mean_dice", "held_out", "datalist", "settings", "load_average"}``
+        (``datalist``: the MOTS-synth datalist used, relative to ``output_dir``).
     """
     if threads:
         import torch
@@ -330,6 +331,7 @@ def run_demo(
         "organ_mean_dice": organ_mean_dice(summary),
         "summary": summary,
         "held_out": held_out,
+        "datalist": Path(datalist).resolve().relative_to(out.resolve()).as_posix(),
         "settings": {
             "num_per_task": num_per_task,
             "num_val_per_task": num_val_per_task,
