@@ -42,3 +42,19 @@ def test_preprocessing_comes_from_the_shared_chain(bundle_root, name):
     collect(config)
     for step in ("Spacingd", "ScaleIntensityRanged", "Orientationd", "LoadImaged"):
         assert step not in targets, f"{name} defines {step} itself instead of using scripts.transforms.ct_preprocessing"
+
+
+def test_inference_lets_cudnn_pick_its_fastest_kernels_after_seeding(bundle_root, monkeypatch):
+    """``set_determinism`` switches cuDNN's autotuner off; inference turns it back on (``cudnn_benchmark``)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.get_parsed_content("initialize")  # evaluates the expressions in order
+    assert torch.backends.cudnn.benchmark is True
+    parser["cudnn_benchmark"] = False
+    parser.parse(True)
+    parser.get_parsed_content("initialize")
+    assert torch.backends.cudnn.benchmark is False

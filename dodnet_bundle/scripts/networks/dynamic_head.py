@@ -26,8 +26,8 @@ class DynamicHead(nn.Module):
 
     With ``compiled`` set (``scripts.acceleration.compile_dynamic_heads``, the inference config's
     ``compile_head``), inference without autograd runs each head as one kernel fused by ``torch.compile``
-    (``scripts.networks.fused_head``): same results, a fraction of the memory traffic. Training and
-    TorchScript always use the eager head.
+    (``scripts.networks.fused_head``): the same logits up to rounding, a fraction of the memory traffic.
+    Training and TorchScript always use the eager head.
 
     Args:
         in_channels: channels of the pre-segmentation map (8).
