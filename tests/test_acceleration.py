@@ -8,7 +8,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.acceleration import autocast, compile_dynamic_heads, input_to_channels_last, to_channels_last
+from scripts.acceleration import (
+    autocast,
+    compile_dynamic_heads,
+    compile_network,
+    input_to_channels_last,
+    to_channels_last,
+)
 from scripts.inferer import TaskSlidingWindowInferer
 from scripts.networks import DoDNet, DynamicHead
 from scripts.networks import fused_head as fused_head_module
@@ -151,3 +157,37 @@ def test_inference_config_compile_head_runs_the_compiled_kernel(bundle_root):
         probabilities = inferer(image, net)
     assert net.head.compiled and fused_head_status() == "compiled"
     torch.testing.assert_close(probabilities, expected, atol=2e-3, rtol=0)
+
+
+def test_whole_network_traces_into_one_graph():
+    """No graph break in the inference forward (the cached standardized kernels are traced, not looked up)."""
+    net, x = tiny_net(), torch.randn(1, 1, 32, 32, 16)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(net)(x, torch.tensor([[2, 6]]))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@needs_compiler
+def test_inference_config_compile_network_matches_eager(bundle_root):
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    assert parser["compile_network"] is False  # opt-in: compiling takes tens of seconds
+    parser.update({"compile_network": True, "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)})
+    inferer = parser.get_parsed_content("inferer")
+    net, image = tiny_net(), torch.randn(1, 1, 40, 36, 20)
+    keys = set(net.state_dict())
+    plain = TaskSlidingWindowInferer(roi_size=(32, 32, 16), stitch_dtype="float16", channels_last=True)
+    with torch.inference_mode():
+        expected = plain(image, net)
+        probabilities = inferer(image, net)
+    torch.testing.assert_close(probabilities, expected, atol=2e-3, rtol=0)
+    compiled = compile_network(net)
+    assert compiled is compile_network(net)  # made once per network, reused by later cases
+    assert set(net.state_dict()) == keys and compiled not in list(net.modules())
+
+
+def test_compile_network_rejects_torchscript():
+    scripted = torch.jit.script(torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="cannot torch.compile a RecursiveScriptModule"):
+        compile_network(scripted)

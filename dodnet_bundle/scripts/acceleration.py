@@ -2,7 +2,9 @@
 
 ``precision``: ``"fp32"`` (default), ``"bf16"`` (CPUs with AVX-512 bf16/AMX, and GPUs) or ``"fp16"``
 (GPUs). Channels-last 3-D lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
-``compile_dynamic_heads`` switches the dynamic heads to their ``torch.compile``-fused inference kernel.
+``compile_dynamic_heads`` switches the dynamic heads to their ``torch.compile``-fused inference kernel;
+``compile_network`` compiles the whole network (Inductor fuses each GroupNorm with its ReLU, the autocast
+casts and the dynamic heads around the convolutions).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from torch import nn
 
 from .networks.dynamic_head import DynamicHead
 
-__all__ = ["PRECISIONS", "autocast", "to_channels_last", "input_to_channels_last", "compile_dynamic_heads"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "to_channels_last",
+    "input_to_channels_last",
+    "compile_dynamic_heads",
+    "compile_network",
+]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,3 +64,20 @@ def compile_dynamic_heads(network: nn.Module, enabled: bool = True) -> nn.Module
     for head in heads:
         head.compiled = enabled
     return network
+
+
+def compile_network(network: nn.Module) -> nn.Module:
+    """``torch.compile(network)`` with static shapes, made once per network and reused on later calls.
+
+    Compiling happens on the first forward of each new input shape (tens of seconds for the full
+    network); the compiled module shares the network's parameters. Channels-last conversion, if any,
+    must come first. Raises ``ValueError`` for a TorchScript module or anything that is not an
+    ``nn.Module`` (a TensorRT engine, a function).
+    """
+    if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
+        raise ValueError(f"compile_network: cannot torch.compile a {type(network).__name__}")
+    compiled = network.__dict__.get("_compiled_network")
+    if compiled is None:
+        compiled = torch.compile(network, dynamic=False)
+        network.__dict__["_compiled_network"] = compiled  # not a submodule: absent from state_dict and modules()
+    return compiled

@@ -41,6 +41,7 @@ def segment(
     device: Optional[str] = None,
     precision: Optional[str] = None,
     compile_head: bool = False,
+    compile_network: bool = False,
     preview: bool = False,
     ckpt: Optional[str] = None,
     save_masks: bool = False,
@@ -62,6 +63,7 @@ def segment(
         precision: "fp32" (default), "bf16" (fast on CPUs with AVX-512 bf16/AMX and on GPUs) or "fp16" (GPUs).
         compile_head: run the dynamic heads as ``torch.compile``-fused kernels (faster when all tasks run;
             compiles for a few seconds first; needs a C++ compiler on the CPU).
+        compile_network: ``torch.compile`` the whole network (fastest on GPUs; compiles for tens of seconds first).
         preview: also write ``<case>_preview.png``.
         ckpt: weights file (default: the bundle's ``models/model.pt``).
         save_masks / save_probabilities: per-structure outputs.
@@ -100,6 +102,8 @@ def segment(
         settings["precision"] = str(precision)
     if compile_head:
         settings["compile_head"] = True
+    if compile_network:
+        settings["compile_network"] = True
     if ckpt is not None:
         settings["ckpt_path"] = str(Path(ckpt))
     if sw_batch_size is not None:

@@ -1,12 +1,19 @@
 """Task-aware sliding-window inference: every requested task from one backbone pass per window.
 
-``TaskSlidingWindowInferer`` is MONAI's ``SlidingWindowInferer`` (Gaussian blending) around DoDNet.
+``TaskSlidingWindowInferer`` is MONAI's ``SlidingWindowInfererAdapt`` (Gaussian blending; stitching on
+the GPU with automatic fallback to buffered and then CPU stitching when GPU memory runs out) around DoDNet.
 The task selection lives in the inferer, so the MONAI Label call ``inferer(inputs, network)`` with
 no extra argument works. Each window is passed to the network once with ``task_id`` of shape
 (1, K), turned into probabilities (sigmoid, as the authors' inference does per window) and stitched
 in ``stitch_dtype`` (half precision by default: 14 channels of a whole abdominal CT in float32 are
 several GB). Optional test-time augmentation averages the probabilities of the identity and the 7
 other flip combinations of the three spatial axes.
+
+Stitching device: with ``device=None`` (the default) and the network on a GPU, a CPU input is moved to
+the GPU once, so windows are cut and stitched there (no per-window copy of 2K probability channels to the
+host); MONAI's adaptive inferer stitches on the CPU instead for volumes above ``cpu_thresh`` voxels or
+after a GPU out-of-memory error. The output then lives on the GPU (or the CPU after a fallback): the
+inference config moves the thresholded masks to the CPU. ``device="cpu"`` forces CPU stitching.
 """
 
 from __future__ import annotations
@@ -16,9 +23,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SlidingWindowInfererAdapt
 
-from .acceleration import PRECISIONS, autocast, compile_dynamic_heads, input_to_channels_last, to_channels_last
+from .acceleration import (
+    PRECISIONS,
+    autocast,
+    compile_dynamic_heads,
+    compile_network,
+    input_to_channels_last,
+    to_channels_last,
+)
 from .tasks import TaskSpec, resolve_tasks
 
 __all__ = ["TaskSlidingWindowInferer", "flip_combinations", "as_bool"]
@@ -75,7 +89,7 @@ class _TaskProbabilities(torch.nn.Module):
         return torch.sigmoid(logits.float()).to(window.dtype)
 
 
-class TaskSlidingWindowInferer(SlidingWindowInferer):
+class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
     """Sliding-window DoDNet inference for a selection of tasks, with optional flip TTA.
 
     Args:
@@ -95,19 +109,25 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             converts the network's parameters in place on the first call.
         compile_head: run the dynamic heads as one ``torch.compile``-fused kernel per task (same results;
             a few seconds of compiling on the first window; needs a C++ compiler on the CPU).
+        compile_network: run the whole network through ``torch.compile`` (fuses the normalizations,
+            activations, casts and heads around the convolutions; compiles for tens of seconds on the first
+            window of a process, and again for a different window batch). Supersedes ``compile_head``.
         padding_mode, cval: padding of images smaller than one window (undone in the output).
-        sw_device: device of the windows (the network's device); stitching happens on ``device``.
-        device: device of the stitched output (None: the input's device).
+        sw_device: device of the windows (the network's device).
+        device: device of the stitched output. None (default): adaptive, as MONAI's ``SlidingWindowInfererAdapt``:
+            on ``sw_device`` when it is a GPU (the input is moved there), else on the input's device; buffered
+            CPU stitching above ``cpu_thresh`` voxels or after running out of GPU memory.
         progress: per-window progress bar.
-        cpu_thresh, buffer_steps, buffer_dim: as ``SlidingWindowInferer``.
+        cpu_thresh: stitch on the CPU when the volume has more voxels than this (None: only after an OOM).
+        buffer_steps, buffer_dim: as ``SlidingWindowInferer``.
 
     Call:
         inputs: (B, 1, H, W, D) preprocessed CT, any size (padded internally to one window).
         network: DoDNet or any module taking ``(image, task_id=(1, K) int64)`` -> (B, 2K, ...) logits.
 
     Returns:
-        probabilities (B, 2K, H, W, D) in ``stitch_dtype``, a ``MetaTensor`` carrying the input's
-        metadata when the input is one; channel ``2k`` organ, ``2k + 1`` tumor of ``self.tasks[k]``.
+        probabilities (B, 2K, H, W, D) in ``stitch_dtype`` on the stitching device, a ``MetaTensor`` carrying the
+        input's metadata when the input is one; channel ``2k`` organ, ``2k + 1`` tumor of ``self.tasks[k]``.
     """
 
     def __init__(
@@ -124,6 +144,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         precision: str = "fp32",
         channels_last: Union[bool, str] = False,
         compile_head: Union[bool, str] = False,
+        compile_network: Union[bool, str] = False,
         padding_mode: str = "constant",
         cval: float = 0.0,
         sw_device: Union[torch.device, str, None] = None,
@@ -157,6 +178,7 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         self.precision = precision
         self.channels_last = as_bool(channels_last)
         self.compile_head = as_bool(compile_head)
+        self.compile_network = as_bool(compile_network)
 
     @property
     def task_id(self) -> torch.Tensor:
@@ -170,13 +192,15 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             raise ValueError(f"inputs must be (B, C, H, W, D), got shape {tuple(inputs.shape)}")
         if self.channels_last and isinstance(network, torch.nn.Module):
             to_channels_last(network)
-        if self.compile_head and isinstance(network, torch.nn.Module):
+        if self.compile_network:
+            network = compile_network(network)  # the heads are traced into the compiled graph
+        elif self.compile_head and isinstance(network, torch.nn.Module):
             compile_dynamic_heads(network)
         predictor = _TaskProbabilities(
             network, kwargs.pop("task_id", self.task_id), self.compute_dtype, self.precision, self.channels_last
         )
         image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        image = image.to(self.stitch_dtype)
+        image = image.to(device=self._stitch_input_device(image), dtype=self.stitch_dtype)
         flips = flip_combinations(image.dim() - 2) if self.tta else [()]
         total: Optional[torch.Tensor] = None
         for dims in flips:
@@ -185,6 +209,8 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
             if total is None:
                 total = out.flip(dims) if dims else out
                 continue
+            if out.device != total.device:  # a later flip fell back to CPU stitching after a GPU OOM
+                total, out = total.cpu(), out.cpu()
             for c in range(out.shape[1]):  # per channel: no second full-size temporary
                 total[:, c] += out[:, c].flip([d - 1 for d in dims]) if dims else out[:, c]
             del out
@@ -194,6 +220,15 @@ class TaskSlidingWindowInferer(SlidingWindowInferer):
         if isinstance(inputs, MetaTensor):
             return MetaTensor(total, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return total
+
+    def _stitch_input_device(self, image: torch.Tensor) -> torch.device:
+        """Where the input goes before the windows are cut: the GPU of ``sw_device`` for adaptive stitching
+        (``device`` None), else where it is. On the GPU, volumes above ``cpu_thresh`` get MONAI's buffered
+        stitching into CPU memory (several windows gathered on the GPU per copy)."""
+        sw_device = torch.device(self.sw_device) if self.sw_device is not None else image.device
+        if self.device is None and sw_device.type == "cuda":
+            return sw_device
+        return image.device
 
 
 def _dtype(value: Union[str, torch.dtype]) -> torch.dtype:

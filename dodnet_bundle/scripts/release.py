@@ -10,7 +10,7 @@ permissions, so the same tree always gives the same bytes. Caches (``__pycache__
 Usage (from the bundle root)::
 
     python -m scripts.release build --output_dir ../dist
-    python -m scripts.release verify ../dist/dodnet_bundle_v0.1.2.zip
+    python -m scripts.release verify ../dist/dodnet_bundle_v0.1.3.zip
 """
 
 from __future__ import annotations

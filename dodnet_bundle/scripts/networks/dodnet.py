@@ -111,10 +111,13 @@ class DoDNet(nn.Module):
                     "pass (B,) or (B, K), or (1,) or (1, K) to apply the same tasks to every sample"
                 )
             task_id = task_id.expand(batch, task_id.shape[1])
-        low, high = int(task_id.min()), int(task_id.max())
-        if low < 0 or high >= self.num_tasks:
-            bad = low if low < 0 else high
-            raise ValueError(f"task id {bad} is out of range: valid ids are 0..{self.num_tasks - 1}")
+        # the range check reads the ids on the host: left out of torch.compile graphs (it would split them);
+        # the inferer's task selection validates ids before any compiled forward
+        if torch.jit.is_scripting() or not torch.compiler.is_compiling():
+            low, high = int(task_id.min()), int(task_id.max())
+            if low < 0 or high >= self.num_tasks:
+                bad = low if low < 0 else high
+                raise ValueError(f"task id {bad} is out of range: valid ids are 0..{self.num_tasks - 1}")
         return task_id.to(device=device, dtype=torch.long)
 
     def forward(self, image: torch.Tensor, task_id: Optional[torch.Tensor] = None) -> torch.Tensor:

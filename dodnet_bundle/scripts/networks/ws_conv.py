@@ -52,6 +52,8 @@ class WSConv3d(nn.Conv3d):
     @torch.jit.unused
     def _standardized_constant(self) -> torch.Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():  # traced into the compiled graph (no cache lookup: no graph break)
+            return standardize_weight(w, self.eps)
         if w.is_inference():  # created under torch.inference_mode: no version counter to watch
             return standardize_weight(w, self.eps)
         key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride(), self.eps)
