@@ -84,6 +84,8 @@ def child(args: argparse.Namespace) -> None:
     ckpt = Path(args.workdir) / "random_weights.pt"
     torch.save({"model": DoDNet(**tiny).state_dict()}, ckpt)  # weights irrelevant to memory
     overrides = {f"network_def#{k}": list(v) if isinstance(v, tuple) else v for k, v in tiny.items()}
+    if args.contiguous:
+        overrides["channels_last"] = False
     peaks = {"baseline_mb": rss_mb()}
     phase = {"name": "run", "peak": 0.0, "inference": 0.0}
     stop = threading.Event()
@@ -94,6 +96,16 @@ def child(args: argparse.Namespace) -> None:
             if phase["name"] == "inference":
                 phase["inference"] = max(phase["inference"], rss_mb())
             time.sleep(0.2)
+
+    if args.reader != "ITKReader":  # machines without ITK (e.g. a GPU image lacking it): read the NIfTI otherwise
+        from monai.transforms import LoadImaged
+
+        import scripts.transforms
+
+        def load_with_reader(*a, **k):
+            return LoadImaged(*a, **{**k, "reader": args.reader})
+
+        scripts.transforms.LoadImaged = load_with_reader
 
     from scripts.inferer import TaskSlidingWindowInferer
 
@@ -121,6 +133,8 @@ def child(args: argparse.Namespace) -> None:
         stitch_dtype=args.stitch_dtype,
         precision=args.precision,
         compile_head=args.compile_head,
+        compile_network=args.compile_network,
+        sw_batch_size=args.sw_batch_size,
         **overrides,
     )
     stop.set()
@@ -134,6 +148,9 @@ def child(args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(),
         }
     )
+    if torch.device(args.device).type == "cuda":
+        peaks["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peaks["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     print("RESULT " + json.dumps(peaks))
 
 
@@ -147,8 +164,16 @@ def main() -> None:
     parser.add_argument("--budget_mb", type=float, default=6 * 1024)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
     parser.add_argument("--compile_head", action="store_true", help="torch.compile-fused dynamic heads")
+    parser.add_argument("--compile_network", action="store_true", help="torch.compile the whole network")
+    parser.add_argument("--contiguous", action="store_true", help="network in contiguous layout (not channels-last)")
+    parser.add_argument("--sw_batch_size", type=int, default=1, help="windows per network call")
+    parser.add_argument(
+        "--reader",
+        default="ITKReader",
+        help="image reader (the config's ITKReader; NibabelReader where ITK is missing)",
+    )
     parser.add_argument("--json", help="also write the result to this file")
-    parser.add_argument("--device", default="cpu", help="device of the network (the stitched output stays on the CPU)")
+    parser.add_argument("--device", default="cpu", help="device of the network (stitching: the config's default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -163,7 +188,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--image", str(image), "--workdir", tmp, "--mode", args.mode]
         cmd += ["--stitch_dtype", args.stitch_dtype, "--overlap", str(args.overlap), "--threads", str(args.threads)]
         cmd += ["--network", args.network, "--precision", args.precision, "--device", args.device]
+        cmd += ["--sw_batch_size", str(args.sw_batch_size), "--reader", args.reader]
         cmd += ["--compile_head"] if args.compile_head else []
+        cmd += ["--compile_network"] if args.compile_network else []
+        cmd += ["--contiguous"] if args.contiguous else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -184,6 +212,10 @@ def main() -> None:
             "stitch_dtype": args.stitch_dtype,
             "precision": args.precision,
             "compile_head": args.compile_head,
+            "compile_network": args.compile_network,
+            "channels_last": not args.contiguous,
+            "sw_batch_size": args.sw_batch_size,
+            "reader": args.reader,
             "overlap": args.overlap,
             "peak_rss_mb": round(peak_mb, 1),
             "budget_mb": args.budget_mb,

@@ -1,17 +1,66 @@
 #!/usr/bin/env bash
-# GPU benchmark in one go (target: at most 8 minutes on one H100): installs what it needs into a
-# fresh virtual environment (a CUDA build of torch from PyPI unless one is importable already),
-# then prints the benchmark table of benchmarks/run.py on the GPU.
+# GPU checks and benchmark in one go (target: at most 8 minutes on one H100):
+#   1. installs what it needs: a CUDA build of torch already importable by $PYTHON (default python3) is used
+#      as it is; otherwise a virtual environment .venv-gpu gets one from PyPI;
+#   2. runs the GPU tests (tests/test_gpu.py, and one tiny training epoch through `monai.bundle run`, which
+#      picks the GPU and AMP by itself);
+#   3. with DODNET_GPU_PROFILE=1, profiles the forward's precision x layout variants (profile_forward.py);
+#   4. prints the benchmark table of benchmarks/run.py on the GPU (patch forward with the compiled network,
+#      efficiency, training, the sliding-window sw_batch_size/stitching sweep, whole-volume inference).
+# On one H100 (bundle 0.1.3's session) the run with "--skip efficiency,sliding" and the profile took 419 s;
+# the compiled network's first forwards take most of it (139 s for the 1-task and all-task graphs).
+#
 #   bash benchmarks/gpu.sh [extra args for run.py]
+#
+# Offline GPU machines: fetch the pure-Python dependencies a CUDA image usually lacks where pip works,
+#   pip download --no-deps -d wheels monai==1.6.1 nibabel pytorch-ignite fire termcolor
+# copy them over and run with DODNET_WHEELS=wheels: they are installed into .gpu-site (on PYTHONPATH) without
+# touching the environment; scipy, scikit-image, einops, tqdm, tensorboard and pillow must be there already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${DODNET_GPU_VENV:-.venv-gpu}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv --system-site-packages "$VENV"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+has_cuda_torch() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+
+if ! has_cuda_torch "$PY"; then
+  if [ -n "${DODNET_WHEELS:-}" ]; then
+    echo "gpu.sh: $PY has no CUDA build of torch that sees a GPU, and DODNET_WHEELS means no package index" >&2
+    exit 1
+  fi
+  VENV="${DODNET_GPU_VENV:-.venv-gpu}"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  PY="$VENV/bin/python"
+  has_cuda_torch "$PY" || "$PY" -m pip install --quiet "torch>=2.4,<3"
 fi
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  "$VENV/bin/pip" install --quiet "torch>=2.4,<3"
+if [ -n "${DODNET_WHEELS:-}" ]; then
+  SITE="$PWD/.gpu-site"
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$SITE" "$DODNET_WHEELS"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  "$PY" -m pip install --quiet -e ".[bench]"
 fi
-"$VENV/bin/pip" install --quiet -e ".[bench]"
+"$PY" -c "import monai, nibabel, ignite, fire, scipy, skimage, einops, tqdm, PIL, torch; print('torch', torch.__version__, \
+'monai', monai.__version__, 'device', torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 470 "$VENV/bin/python" benchmarks/run.py --device cuda --precision bf16 --repeats 5 "$@"
+
+READER=()
+TRAIN_TEST=("tests/test_train_workflow.py::test_one_tiny_epoch_through_bundle_run")
+if ! "$PY" -c "import itk" 2>/dev/null; then  # ITK's wheels are large: GPU images often lack it
+  echo "gpu.sh: no itk here: the whole-volume run reads its NIfTI with NibabelReader; training test left out"
+  READER=(--volume-reader NibabelReader)
+  TRAIN_TEST=()
+fi
+
+echo "== GPU tests (set-up took ${SECONDS} s)"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "${TRAIN_TEST[@]}" || echo "gpu.sh: GPU TESTS FAILED"
+
+if [ -n "${DODNET_GPU_PROFILE:-}" ]; then
+  echo "== where the forward's time goes (${SECONDS} s in)"
+  timeout 90 "$PY" benchmarks/profile_forward.py --device cuda --variants fp32,fp32-cl,bf16,bf16-cl,fp16,fp16-cl \
+    --top 10 || echo "gpu.sh: profile_forward failed or timed out"
+fi
+
+echo "== benchmark (${SECONDS} s in)"
+timeout 360 "$PY" benchmarks/run.py --device cuda --precision bf16 --repeats 5 --volume-precision bf16 --compile-network \
+  --no-compile-head "${READER[@]}" "$@"
+echo "gpu.sh: done in ${SECONDS} s"

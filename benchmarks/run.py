@@ -13,6 +13,10 @@ Sections (``--skip`` takes a comma-separated list of their names):
   eager path and the fast paths, against a same-run large fp32 matmul; bf16 speed-up.
 - ``volume``: whole-volume end-to-end inference on a synthetic 512 x 512 x 300 CT at 0.7 x 0.7 x 1.0 mm
   through the bundle's inference config (in a child process): seconds and peak RSS (and GPU memory).
+- ``sliding``: the sliding-window stage alone over a preprocessed 448 x 448 x 200 volume (the phantom's size
+  after resampling; 96 windows at overlap 0.5), all 7 tasks, for each ``--sliding-batches`` sw_batch_size,
+  stitched on the GPU (and on the CPU at the first batch size): seconds and peak GPU memory. GPU only by
+  default (on the CPU the ``volume`` section covers it and each run takes minutes).
 - ``train``: training iterations per second at batch 2 (full patch on GPU, ``--train-patch`` on CPU).
 
 Random weights throughout: speed does not depend on them.
@@ -45,6 +49,7 @@ from competitors import MultiHeadDoDNet, dynunet_3d_fullres, segresnet_wholebody
 from scripts.acceleration import (  # noqa: E402
     autocast,
     compile_dynamic_heads,
+    compile_network,
     input_to_channels_last,
     to_channels_last,
 )
@@ -127,22 +132,31 @@ class Table:
         return "\n".join(out + [line(r) for r in self.rows])
 
 
-def fast(net: torch.nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The network on its fast path: channels-last weights and input, inference mode, autocast."""
-    to_channels_last(net)
+def fast(
+    net: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network on its fast path: inference mode, autocast and (``channels_last``) channels-last weights and
+    input, as the inference config runs it."""
+    if channels_last:
+        to_channels_last(net)
+    layout = input_to_channels_last if channels_last else (lambda x: x)
 
     def run(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            return net(input_to_channels_last(x), *args)
+            return net(layout(x), *args)
 
     return run
+
+
+def layout_name(args) -> str:
+    return "channels-last" if args.channels_last else "contiguous"
 
 
 def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
     x = torch.randn(1, 1, *patch, device=device)
     precision = args.precision
     table = Table(
-        f"Patch forward {patch}, batch 1, random weights, {precision} channels-last, inference mode",
+        f"Patch forward {patch}, batch 1, random weights, {precision} {layout_name(args)}, inference mode",
         ["network", "seconds", "ratio to DoDNet 1 task"],
     )
     note = (
@@ -153,7 +167,7 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
     print(table.title, flush=True)
     torch.manual_seed(0)
     dodnet = DoDNet().to(device).eval()
-    run = fast(dodnet, device, precision)
+    run = fast(dodnet, device, precision, args.channels_last)
     one, singles = torch.tensor([0], device=device), [torch.tensor([k], device=device) for k in range(7)]
     with torch.inference_mode():
         t_one, t_all, ratio_eager = paired_times(lambda: run(x, one), lambda: run(x), device, 3 * args.repeats)
@@ -175,6 +189,19 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
             else:
                 print(f"compiled head skipped: {status}", flush=True)
             compile_dynamic_heads(dodnet, enabled=False)
+        t_all_n = ratio_network = None
+        if args.compile_network:
+            compiled = compile_network(dodnet)
+            compiled_run = fast(compiled, device, precision, args.channels_last)
+            start = time.perf_counter()
+            compiled_run(x, one), compiled_run(x)
+            sync(device)
+            compile_s = time.perf_counter() - start
+            t_one_n, t_all_n, ratio_network = paired_times(
+                lambda: compiled_run(x, one), lambda: compiled_run(x), device, 3 * args.repeats
+            )
+            table.add(f"DoDNet, 1 task, compiled network (compiling {compile_s:.0f} s)", t_one_n, 1.0)
+            table.add("DoDNet, all 7 tasks, compiled network", t_all_n, ratio_network)
         t_multi = best_of(lambda: [run(x, k) for k in singles], device, max(1, args.repeats // 2), 0)
         table.add("Multi-Nets (7 backbone passes)", t_multi, t_multi / t_one)
         results = {"one": t_one, "all": t_all, "multi_nets": t_multi}
@@ -185,7 +212,7 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
             "SwinUNETR feature 48 (universal model)": swinunetr_universal,
         }
         for name, make in competitors.items():
-            runner = fast(make().to(device).eval(), device, precision)
+            runner = fast(make().to(device).eval(), device, precision, args.channels_last)
             seconds = best_of(lambda: runner(x), device, args.repeats)
             table.add(name, seconds, seconds / t_one)
             results[name] = seconds
@@ -196,7 +223,11 @@ def patch_section(args, device: torch.device, patch: List[int]) -> List[Table]:
         summary.rows.append(
             ["all 7 / 1 task <= 1.03, compiled head", f"{ratio_compiled:.3f}", str(ratio_compiled <= 1.03)]
         )
-    t_best = min(t for t in (t_all, t_all_c) if t is not None)
+    if ratio_network is not None:
+        summary.rows.append(
+            ["all 7 / 1 task <= 1.03, compiled network", f"{ratio_network:.3f}", str(ratio_network <= 1.03)]
+        )
+    t_best = min(t for t in (t_all, t_all_c, t_all_n) if t is not None)
     summary.rows.append(["Multi-Nets / all 7 >= 6.5", f"{t_multi / t_all:.2f}", str(t_multi / t_all >= 6.5)])
     summary.rows.append(
         [
@@ -226,10 +257,14 @@ def efficiency_section(args, device: torch.device, patch: List[int]) -> List[Tab
         table.add("fp32 eager (contiguous)", eager, gflop / eager, f"{gflop / eager / rate:.0%}", 1.0)
         paths = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
         for precision in paths:
-            run = fast(net, device, precision)
+            run = fast(net, device, precision, args.channels_last)
             seconds = best_of(lambda: run(x), device, args.repeats)
             table.add(
-                f"{precision} channels-last", seconds, gflop / seconds, f"{gflop / seconds / rate:.0%}", eager / seconds
+                f"{precision} {layout_name(args)}",
+                seconds,
+                gflop / seconds,
+                f"{gflop / seconds / rate:.0%}",
+                eager / seconds,
             )
             net = net.to(memory_format=torch.contiguous_format)
     return [table]
@@ -246,11 +281,55 @@ def volume_section(args, device: torch.device) -> List[Table]:
         report = Path(tmp) / "volume.json"
         cmd = [sys.executable, str(script), "--json", str(report), "--precision", args.volume_precision]
         cmd += ["--overlap", str(args.volume_overlap), "--device", str(device)]
+        cmd += ["--sw_batch_size", str(args.volume_sw_batch_size), "--reader", args.volume_reader]
         cmd += ["--compile_head"] if args.volume_compile_head else []
+        cmd += ["--compile_network"] if args.volume_compile_network else []
+        cmd += [] if args.channels_last else ["--contiguous"]
         subprocess.run(cmd, check=True)
         result: Dict[str, object] = json.loads(report.read_text())
     table.columns = list(result)
     table.rows.append([str(v) for v in result.values()])
+    return [table]
+
+
+def sliding_section(args, device: torch.device, patch: List[int]) -> List[Table]:
+    from scripts.inferer import TaskSlidingWindowInferer
+
+    shape = tuple(int(v) for v in args.sliding_shape.split(","))
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, *shape) * 2 - 1  # on the CPU, as the inference config hands it to the inferer
+    net = DoDNet().to(device).eval()
+    table = Table(
+        f"Sliding window over a preprocessed {list(shape)} volume, window {patch}, overlap 0.5, all 7 tasks, "
+        f"{args.precision} {layout_name(args)}, float16 stitching "
+        "(best of 2 after a warm-up)",
+        ["sw_batch_size", "stitching on", "seconds", "peak GPU memory (MB)"],
+    )
+    print(table.title, flush=True)
+    gpu = device.type == "cuda"
+    batches = [int(b) for b in args.sliding_batches.split(",")]
+    # (sw_batch_size, stitching, compiled network): CPU stitching copies each window's 2K channels to the host
+    # whatever the batch, and the compiled network compiles per batch size: the first batch size shows each
+    runs = [(b, "gpu (adaptive)" if gpu else "cpu", False) for b in batches]
+    runs += [(batches[0], "cpu", False)] if gpu and args.sliding_cpu_stitching else []
+    runs += [(batches[0], "gpu (adaptive)" if gpu else "cpu", True)] if args.sliding_compiled else []
+    for batch, stitching, compiled in runs:
+        inferer = TaskSlidingWindowInferer(
+            roi_size=patch,
+            sw_batch_size=batch,
+            overlap=0.5,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            compile_network=compiled,
+            sw_device=device,
+            device="cpu" if stitching == "cpu" else None,
+        )
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            seconds = best_of(lambda: inferer(image, net), device, repeats=2)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else float("nan")
+        table.add(str(batch), stitching + (", compiled network" if compiled else ""), seconds, f"{peak:.0f}")
     return [table]
 
 
@@ -295,26 +374,60 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--no-compile-head", dest="compile_head", action="store_false", help="skip the compiled-head rows"
     )
+    parser.add_argument(
+        "--compile-network", action="store_true", help="also time the torch.compile'd network (patch, sliding)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["channels-last", "contiguous"],
+        default=None,
+        help="memory layout of the inference rows (default: as configs/inference.json, channels-last on the CPU only)",
+    )
+    parser.add_argument(
+        "--sliding-compiled",
+        action="store_true",
+        help="a sliding-window row with the compiled network (compiles again)",
+    )
+    parser.add_argument(
+        "--no-sliding-cpu", dest="sliding_cpu_stitching", action="store_false", help="no CPU-stitching sliding row"
+    )
     parser.add_argument("--volume-precision", default="fp32", help="network precision of the whole-volume run")
     parser.add_argument("--volume-overlap", type=float, default=0.5, help="window overlap of the whole-volume run")
     parser.add_argument(
         "--volume-compile-head", action="store_true", help="whole-volume run with the compiled dynamic heads"
     )
-    parser.add_argument("--skip", default="", help="sections to skip: patch,efficiency,volume,train")
+    parser.add_argument(
+        "--volume-sw-batch-size", type=int, default=1, help="windows per network call in the whole-volume run"
+    )
+    parser.add_argument(
+        "--volume-compile-network", action="store_true", help="whole-volume run with the compiled network"
+    )
+    parser.add_argument("--volume-reader", default="ITKReader", help="image reader of the whole-volume run")
+    parser.add_argument("--sliding-batches", default="1,2,4", help="sw_batch_size values of the sliding section")
+    parser.add_argument("--sliding-shape", default="448,448,200", help="H,W,D of the sliding section's volume")
+    parser.add_argument(
+        "--skip",
+        default=None,
+        help="sections to skip: patch,efficiency,sliding,volume,train (default: sliding on the CPU, none on a GPU)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.precision = args.precision or "bf16"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     patch = [int(v) for v in args.patch.split(",")]
+    args.channels_last = (args.layout or ("channels-last" if device.type == "cpu" else "contiguous")) == "channels-last"
+    if args.skip is None:
+        args.skip = "" if device.type == "cuda" else "sliding"
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     print(f"machine: {machine_name(device)}; device: {device}", flush=True)
     tables: List[Table] = []
     sections = {
         "patch": lambda: patch_section(args, device, patch),
         "efficiency": lambda: efficiency_section(args, device, patch),
-        "volume": lambda: volume_section(args, device),
         "train": lambda: train_section(args, device),
+        "sliding": lambda: sliding_section(args, device, patch),
+        "volume": lambda: volume_section(args, device),
     }
     for name, section in sections.items():
         if name not in skip:
