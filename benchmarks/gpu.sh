@@ -7,8 +7,9 @@
 #   3. with DODNET_GPU_PROFILE=1, profiles the forward's precision x layout variants (profile_forward.py);
 #   4. prints the benchmark table of benchmarks/run.py on the GPU (patch forward with the compiled network,
 #      efficiency, training, the sliding-window sw_batch_size/stitching sweep, whole-volume inference).
-# On one H100 (bundle 0.1.3's session) the run with "--skip efficiency,sliding" and the profile took 419 s;
-# the compiled network's first forwards take most of it (139 s for the 1-task and all-task graphs).
+# Time budget: set-up about 40 s, tests at most 120 s, benchmark at most 330 s (8 minutes in all). On one H100
+# (bundle 0.1.3's session) the run with "--skip efficiency,sliding" and the profile took 419 s; the compiled
+# network's first forwards take most of the benchmark (139 s for the 1-task and all-task graphs).
 #
 #   bash benchmarks/gpu.sh [extra args for run.py]
 #
@@ -52,7 +53,7 @@ if ! "$PY" -c "import itk" 2>/dev/null; then  # ITK's wheels are large: GPU imag
 fi
 
 echo "== GPU tests (set-up took ${SECONDS} s)"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "${TRAIN_TEST[@]}" || echo "gpu.sh: GPU TESTS FAILED"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "${TRAIN_TEST[@]}" || echo "gpu.sh: GPU TESTS FAILED"
 
 if [ -n "${DODNET_GPU_PROFILE:-}" ]; then
   echo "== where the forward's time goes (${SECONDS} s in)"
@@ -61,6 +62,6 @@ if [ -n "${DODNET_GPU_PROFILE:-}" ]; then
 fi
 
 echo "== benchmark (${SECONDS} s in)"
-timeout 360 "$PY" benchmarks/run.py --device cuda --precision bf16 --repeats 5 --volume-precision bf16 --compile-network \
-  --no-compile-head "${READER[@]}" "$@"
+timeout 330 "$PY" benchmarks/run.py --device cuda --precision bf16 --repeats 5 --volume-precision bf16 --compile-network \
+  --no-compile-head --sliding-batches 2,4 "${READER[@]}" "$@"
 echo "gpu.sh: done in ${SECONDS} s"
