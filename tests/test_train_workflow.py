@@ -65,7 +65,9 @@ def _cli(overrides: Dict[str, Any]) -> List[str]:
 
 
 def _env() -> Dict[str, str]:
-    env = dict(os.environ)
+    # torch.compile tests earlier in this process leave Inductor variables in os.environ, one of them a pointer
+    # into this process (_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR); a child inheriting it aborted at exit (SIGABRT)
+    env = {k: v for k, v in os.environ.items() if "TORCHINDUCTOR" not in k}
     env["OMP_NUM_THREADS"] = "1"  # two test processes share two cores
     return env
 
