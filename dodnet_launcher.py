@@ -27,9 +27,9 @@ def bundle_root() -> Path:
 
 
 def segment() -> None:
-    """``dodnet-segment INPUT OUTPUT_DIR [--tasks ...]``: whole-volume inference (scripts.cli)."""
+    """``dodnet-segment INPUT OUTPUT_DIR [--tasks ...]``: whole-volume inference (scripts.inference.cli)."""
     bundle_root()
-    from scripts.cli import segment_main
+    from scripts.inference.cli import segment_main
 
     segment_main()
 
@@ -43,16 +43,16 @@ def demo() -> None:
 
 
 def evaluate() -> None:
-    """``dodnet-evaluate PRED_DIR REF_DIR OUT_DIR [--mapping ...]``: score predictions (scripts.evaluate)."""
+    """``dodnet-evaluate PRED_DIR REF_DIR OUT_DIR [--mapping ...]``: score predictions (scripts.evaluation.folders)."""
     bundle_root()
-    from scripts.evaluate import main
+    from scripts.evaluation.folders import main
 
     main()
 
 
 def prepare_mots() -> None:
-    """``dodnet-prepare-mots``: build a datalist from the public dataset folders (scripts.prepare_mots)."""
+    """``dodnet-prepare-mots``: build a datalist from the public dataset folders (scripts.data.prepare_mots)."""
     bundle_root()
-    from scripts.prepare_mots import main
+    from scripts.data.prepare_mots import main
 
     main()

@@ -38,12 +38,12 @@ from monai.metrics import compute_dice  # noqa: E402
 from monai.transforms import Compose, SpatialPadd  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
-from scripts.label_mapping import MapTaskLabelsd  # noqa: E402
-from scripts.losses import PartialLabelDiceBCELoss  # noqa: E402
+from scripts.data.label_mapping import MapTaskLabelsd  # noqa: E402
+from scripts.data.synth import ensure_mots_synth  # noqa: E402
+from scripts.data.transforms import ct_preprocessing  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
-from scripts.synth import ensure_mots_synth  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
-from scripts.transforms import ct_preprocessing  # noqa: E402
+from scripts.training.losses import PartialLabelDiceBCELoss  # noqa: E402
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
 CONDITIONING = {"dodnet": "dodnet", "task_only": "task", "cond_no": "image", "multi_nets": "dodnet"}

@@ -5,7 +5,7 @@
 
 Writes one merged prediction and one reference label map (all 11 structures as ellipsoids, the
 prediction shifted by two voxels and grown by one) to a temporary folder, evaluates them with
-``scripts.evaluate.evaluate_folders`` in a child process and prints seconds and the child's peak RSS.
+``scripts.evaluation.folders.evaluate_folders`` in a child process and prints seconds and the child's peak RSS.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(BUNDLE_ROOT))
-        from scripts.evaluate import evaluate_folders
+        from scripts.evaluation.folders import evaluate_folders
 
         start = time.perf_counter()
         summary = evaluate_folders(*args.child)

@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(BUNDLE))
     import torch
 
-    from scripts.cli import segment
+    from scripts.inference.cli import segment
     from scripts.networks import DoDNet
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -100,14 +100,14 @@ def child(args: argparse.Namespace) -> None:
     if args.reader != "ITKReader":  # machines without ITK (e.g. a GPU image lacking it): read the NIfTI otherwise
         from monai.transforms import LoadImaged
 
-        import scripts.transforms
+        import scripts.data.transforms
 
         def load_with_reader(*a, **k):
             return LoadImaged(*a, **{**k, "reader": args.reader})
 
-        scripts.transforms.LoadImaged = load_with_reader
+        scripts.data.transforms.LoadImaged = load_with_reader
 
-    from scripts.inferer import TaskSlidingWindowInferer
+    from scripts.inference.inferer import TaskSlidingWindowInferer
 
     original_call = TaskSlidingWindowInferer.__call__
 

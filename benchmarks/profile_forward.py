@@ -25,8 +25,8 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from run import best_of, machine_name  # noqa: E402
 
-from scripts.acceleration import autocast, input_to_channels_last, to_channels_last  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
+from scripts.networks.acceleration import autocast, input_to_channels_last, to_channels_last  # noqa: E402
 
 
 def variant_forward(name: str, device: torch.device, x: torch.Tensor):

@@ -46,14 +46,14 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from competitors import MultiHeadDoDNet, dynunet_3d_fullres, segresnet_wholebody, swinunetr_universal  # noqa: E402
 
-from scripts.acceleration import (  # noqa: E402
+from scripts.networks import DoDNet  # noqa: E402
+from scripts.networks.acceleration import (  # noqa: E402
     autocast,
     compile_dynamic_heads,
     compile_network,
     input_to_channels_last,
     to_channels_last,
 )
-from scripts.networks import DoDNet  # noqa: E402
 from scripts.networks.fused_head import fused_head_status  # noqa: E402
 
 
@@ -293,7 +293,7 @@ def volume_section(args, device: torch.device) -> List[Table]:
 
 
 def sliding_section(args, device: torch.device, patch: List[int]) -> List[Table]:
-    from scripts.inferer import TaskSlidingWindowInferer
+    from scripts.inference.inferer import TaskSlidingWindowInferer
 
     shape = tuple(int(v) for v in args.sliding_shape.split(","))
     torch.manual_seed(0)
@@ -334,7 +334,7 @@ def sliding_section(args, device: torch.device, patch: List[int]) -> List[Table]
 
 
 def train_section(args, device: torch.device) -> List[Table]:
-    from scripts.losses import PartialLabelDiceBCELoss
+    from scripts.training.losses import PartialLabelDiceBCELoss
 
     patch = [192, 192, 64] if device.type == "cuda" else [int(v) for v in args.train_patch.split(",")]
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Test set-up: the bundle root on sys.path (as ``monai.bundle run`` does) and shared fixtures."""
+"""Test set-up: the bundle root (as ``monai.bundle run`` does) and the release tools on sys.path; shared fixtures."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.paths import BUNDLE_ROOT, SCHEMA_PATH, SHARED_DATA, TOOLS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_ROOT = REPO_ROOT / "dodnet_bundle"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "real-ct"
-SCHEMA_PATH = REPO_ROOT.parent / "shared" / "reference" / "meta_schema_20240725.json"
-
-if str(BUNDLE_ROOT) not in sys.path:
-    sys.path.insert(0, str(BUNDLE_ROOT))
+for path in (BUNDLE_ROOT, TOOLS_DIR):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 @pytest.fixture(scope="session")

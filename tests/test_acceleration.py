@@ -8,16 +8,16 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.acceleration import (
+from scripts.inference.inferer import TaskSlidingWindowInferer
+from scripts.networks import DoDNet, DynamicHead
+from scripts.networks import fused_head as fused_head_module
+from scripts.networks.acceleration import (
     autocast,
     compile_dynamic_heads,
     compile_network,
     input_to_channels_last,
     to_channels_last,
 )
-from scripts.inferer import TaskSlidingWindowInferer
-from scripts.networks import DoDNet, DynamicHead
-from scripts.networks import fused_head as fused_head_module
 from scripts.networks.fused_head import fused_head_status, pointwise_head
 
 needs_compiler = pytest.mark.skipif(

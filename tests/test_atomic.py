@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from scripts.atomic import atomic_output, write_json_atomic, write_text_atomic
+from scripts.utils import atomic_output, write_json_atomic, write_text_atomic
 
 
 def test_success_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -8,10 +8,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from inference_helpers import affine_for, phantom, save_checkpoint, tiny_dodnet, write_nifti
+from helpers.inference import affine_for, phantom, save_checkpoint, tiny_dodnet, write_nifti
 
-from scripts.cases import BadInputError, check_input, find_cases
-from scripts.cli import segment_main
+from scripts.data.cases import BadInputError, check_input, find_cases
+from scripts.inference.cli import segment_main
 
 TINY = ["--network_def#base_channels", "8", "--network_def#norm_groups", "8", "--network_def#blocks", "[1,1,1,1,1]"]
 
@@ -113,7 +113,7 @@ def test_fast_path_options_become_inference_config_overrides(monkeypatch, tmp_pa
         raise Captured
 
     monkeypatch.setattr(monai.bundle, "ConfigWorkflow", capture)
-    from scripts.cli import segment
+    from scripts.inference.cli import segment
 
     with pytest.raises(Captured):
         segment(str(tmp_path / "ct.nii.gz"), str(tmp_path / "out"), precision="bf16", compile_head=True)

@@ -27,7 +27,7 @@ def test_train_and_inference_define_the_same_network(bundle_root):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_preprocessing_comes_from_the_shared_chain(bundle_root, name):
     config = load(bundle_root, name)
-    assert config["preprocessing_steps"]["_target_"] == "scripts.transforms.ct_preprocessing"
+    assert config["preprocessing_steps"]["_target_"] == "scripts.data.ct_preprocessing"
     targets = set()
 
     def collect(node):
@@ -41,7 +41,9 @@ def test_preprocessing_comes_from_the_shared_chain(bundle_root, name):
 
     collect(config)
     for step in ("Spacingd", "ScaleIntensityRanged", "Orientationd", "LoadImaged"):
-        assert step not in targets, f"{name} defines {step} itself instead of using scripts.transforms.ct_preprocessing"
+        assert (
+            step not in targets
+        ), f"{name} defines {step} itself instead of using scripts.data.transforms.ct_preprocessing"
 
 
 def test_inference_lets_cudnn_pick_its_fastest_kernels_after_seeding(bundle_root, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.convert_official_checkpoint import (
+from scripts.networks.convert_official_checkpoint import (
     CheckpointMismatchError,
     build_network,
     convert,
@@ -296,7 +296,15 @@ def test_refuses_to_overwrite(official_file, tmp_path):
 def test_cli_from_bundle_root(official_file, tmp_path, bundle_root):
     dst = tmp_path / "cli" / "model.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.convert_official_checkpoint", "--src", str(official_file), "--dst", str(dst)],
+        [
+            sys.executable,
+            "-m",
+            "scripts.networks.convert_official_checkpoint",
+            "--src",
+            str(official_file),
+            "--dst",
+            str(dst),
+        ],
         cwd=bundle_root,
         capture_output=True,
         text=True,

@@ -8,9 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_mots import SPACING, write_nifti, write_tiny_mots
+from helpers.tiny_mots import SPACING, write_nifti, write_tiny_mots
 
-from scripts.datalist import DatalistError, load_datalist, nifti_truncation, read_header
+from scripts.data.datalist import DatalistError, load_datalist, nifti_truncation, read_header
 
 SHAPE = (12, 12, 6)
 

@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from eval_oracle import IntensityOracle  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers.eval_oracle import IntensityOracle  # noqa: E402  (tests/ is on sys.path under pytest)
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from scripts.evaluate import (
+from scripts.evaluation.folders import (
     TOTALSEGMENTATOR_MAPPING,
     case_id,
     evaluate_folders,
@@ -25,7 +25,7 @@ from scripts.evaluate import (
     resolve_label_mapping,
     source_mapping,
 )
-from scripts.metrics import TABLE6_STRUCTURES, spacing_from_affine, structure_metrics, summarize
+from scripts.evaluation.metrics import TABLE6_STRUCTURES, spacing_from_affine, structure_metrics, summarize
 from scripts.tasks import merged_label_names, resolve_task
 
 SPACING = (0.8, 0.8, 2.5)
@@ -411,7 +411,7 @@ def run_evaluate_config(tmp_path: Path, bundle_root: Path, ckpt: Path, **overrid
         output_dir=str(tmp_path / "eval"),
         patch_size=[48, 48, 32],  # one window covers a whole 40 x 40 x 20 test volume
         num_workers=0,
-        network_def={"_target_": "eval_oracle.IntensityOracle"},
+        network_def={"_target_": "helpers.eval_oracle.IntensityOracle"},
         **overrides,
     )
     wf.initialize()
@@ -420,8 +420,8 @@ def run_evaluate_config(tmp_path: Path, bundle_root: Path, ckpt: Path, **overrid
 
 
 def write_test_split(root: Path, tasks):
-    from tiny_mots import SPACING as TINY_SPACING
-    from tiny_mots import make_case, write_nifti
+    from helpers.tiny_mots import SPACING as TINY_SPACING
+    from helpers.tiny_mots import make_case, write_nifti
 
     items, cases = [], {}
     for seed, task in enumerate(tasks):
@@ -491,7 +491,7 @@ def test_evaluate_config_missing_weights_is_a_clear_error(tmp_path, bundle_root)
     if not (bundle_root / "configs" / "train.json").is_file():
         pytest.skip("configs/evaluate.json is merged on top of configs/train.json, which is absent")
     write_test_split(tmp_path / "data", ["spleen"])
-    from scripts.weights import MissingWeightsError
+    from scripts.networks.weights import MissingWeightsError
 
     with pytest.raises(Exception) as err:
         run_evaluate_config(tmp_path, bundle_root, tmp_path / "absent.pt")
@@ -509,7 +509,7 @@ def test_metrics_saver_keeps_going_after_a_bad_case(tmp_path):
 
     from monai.data import MetaTensor
 
-    from scripts.evaluation import StructureMetricsSaver
+    from scripts.evaluation.handlers import StructureMetricsSaver
 
     affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
     a, b = shifted_cubes(2, 2)
@@ -609,7 +609,7 @@ def test_multi_gpu_evaluate_config_two_cpu_processes(tmp_path, bundle_root):
     cmd += ["--logging_file", str(bundle_root / "configs" / "logging.conf"), "--bundle_root", str(bundle_root)]
     cmd += ["--dataset_dir", str(tmp_path / "data"), "--datalist", str(tmp_path / "data" / "datalist.json")]
     cmd += ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0"]
-    cmd += ["--patch_size", "[48, 48, 32]", "--network_def", "{'_target_': 'eval_oracle.IntensityOracle'}"]
+    cmd += ["--patch_size", "[48, 48, 32]", "--network_def", "{'_target_': 'helpers.eval_oracle.IntensityOracle'}"]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(bundle_root)]), OMP_NUM_THREADS="1"
     )
@@ -627,7 +627,7 @@ def test_multi_gpu_evaluate_config_two_cpu_processes(tmp_path, bundle_root):
 
 
 def test_load_label_map_rejects_bad_maps(tmp_path):
-    from scripts.evaluate import load_label_map
+    from scripts.evaluation.folders import load_label_map
 
     fractional = tmp_path / "fractional.nii.gz"
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), AFFINE), str(fractional))

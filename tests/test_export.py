@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from scripts.export import AllTasksNetwork, export_onnx, fold_weight_standardization, prepare_for_export
+from scripts.inference.export import AllTasksNetwork, export_onnx, fold_weight_standardization, prepare_for_export
 from scripts.networks import DoDNet, WSConv3d
 
 TINY = {"base_channels": 8}
@@ -99,7 +99,7 @@ def test_export_cli(tmp_path, tiny_ckpt, bundle_root):
         [
             sys.executable,
             "-m",
-            "scripts.export",
+            "scripts.inference.export",
             "--filepath",
             str(out),
             "--ckpt_file",

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.finetune import (
+from scripts.data.synth import case_rng, generate_case
+from scripts.networks import DoDNet
+from scripts.training.finetune import (
     DoDNetSegmenter,
     expand_task_checkpoint,
     load_backbone_weights,
@@ -19,8 +21,6 @@ from scripts.finetune import (
     load_pretrained_dodnet,
     new_task_spec,
 )
-from scripts.networks import DoDNet
-from scripts.synth import case_rng, generate_case
 
 TINY = dict(base_channels=4, blocks=(1, 1, 1, 1, 1))
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from inference_helpers import (
+from helpers.inference import (
     IntensityNet,
     affine_for,
     expected_liver_labels,
@@ -21,8 +21,8 @@ from inference_helpers import (
     write_nifti,
 )
 
-from scripts.acceleration import compile_dynamic_heads
-from scripts.inferer import TaskSlidingWindowInferer
+from scripts.inference.inferer import TaskSlidingWindowInferer
+from scripts.networks.acceleration import compile_dynamic_heads
 from scripts.networks.fused_head import fused_head_status
 
 pytestmark = pytest.mark.skipif(
@@ -51,10 +51,10 @@ def test_inference_config_on_gpu_writes_the_cpu_results(tmp_path, monkeypatch):
     except ImportError:  # GPU images often lack ITK (large wheels): the reader is not what is tested here
         from monai.transforms import LoadImaged
 
-        import scripts.transforms
+        import scripts.data.transforms
 
         monkeypatch.setattr(
-            scripts.transforms, "LoadImaged", lambda *a, **k: LoadImaged(*a, **{**k, "reader": "NibabelReader"})
+            scripts.data.transforms, "LoadImaged", lambda *a, **k: LoadImaged(*a, **{**k, "reader": "NibabelReader"})
         )
     hu, affine = phantom(), affine_for((0.8, 0.8, 1.5), "lps")
     src = write_nifti(tmp_path / "ct.nii.gz", hu, affine)

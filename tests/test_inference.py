@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from inference_helpers import (
+from helpers.inference import (
     IntensityNet,
     affine_for,
     expected_liver_labels,
@@ -21,9 +21,9 @@ from inference_helpers import (
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import LoadImage
 
-from scripts.inferer import TaskSlidingWindowInferer, flip_combinations
+from scripts.inference.inferer import TaskSlidingWindowInferer, flip_combinations
+from scripts.networks.weights import MissingWeightsError, load_network_weights, read_state_dict
 from scripts.tasks import TASKS
-from scripts.weights import MissingWeightsError, load_network_weights, read_state_dict
 
 
 def test_all_tasks_equal_per_task_and_one_backbone_pass_per_window():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_mots import make_case, write_nifti
 from monai.data import MetaTensor
 from monai.transforms import Compose
-from tiny_mots import make_case, write_nifti
 
-from scripts.label_mapping import UNLABELED, MapTaskLabelsd
+from scripts.data.label_mapping import UNLABELED, MapTaskLabelsd
+from scripts.data.transforms import ct_preprocessing
 from scripts.tasks import TASKS, resolve_task
-from scripts.transforms import ct_preprocessing
 
 # The published mapping (original-implementation-facts.md, "Data (MOTS)"), written out independently of
 # scripts/tasks.py: task -> (source values, organ channel, tumor channel) as functions of the label value.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import PartialLabelDiceBCELoss
+from scripts.training.losses import PartialLabelDiceBCELoss
 
 
 def _reference(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

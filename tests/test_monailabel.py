@@ -29,12 +29,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.paths import REPO_ROOT
 
-from scripts.label_mapping import MapTaskLabelsd
+from scripts.data.label_mapping import MapTaskLabelsd
 from scripts.networks import DoDNet
 from scripts.tasks import TASKS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = REPO_ROOT / ".cache" / "monailabel-venv"
 REQUIREMENTS: List[List[str]] = [
     ["torch==2.14.1", "torchvision==0.29.1"],
@@ -70,7 +70,7 @@ def test_stash_keeps_monailabel_image_path_away_from_spacingd(tmp_path):
     the string ``image_path``. The stash pair makes the chain work and hands the path back unchanged."""
     from monai.transforms import Compose, LoadImaged, Spacingd
 
-    from scripts.monailabel_compat import RestoreStashedItemsd, StashStringItemsd
+    from scripts.data.monailabel_compat import RestoreStashedItemsd, StashStringItemsd
 
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.diag([2.0, 2.0, 4.0, 1.0])), str(path))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.postprocessing import MergeTaskLabelsd, TaskPostProcessd, apply_post_rule, merge_task_masks
-from scripts.preview import preview_slices, render_preview
-from scripts.report import case_report, voxel_volume_ml
+from scripts.inference.postprocessing import MergeTaskLabelsd, TaskPostProcessd, apply_post_rule, merge_task_masks
+from scripts.inference.preview import preview_slices, render_preview
+from scripts.inference.report import case_report, voxel_volume_ml
 from scripts.tasks import MERGE_PRECEDENCE, merge_precedence, merged_label_colors, merged_label_names, task_by_name
 
 SHAPE = (1, 40, 40, 20)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.prepare_mots import DataPreparationError, prepare_mots, split_cases
+from scripts.data.prepare_mots import DataPreparationError, prepare_mots, split_cases
 from scripts.tasks import TASKS, task_by_name
 
 MSD = {
@@ -162,7 +162,7 @@ def test_kits_slices_on_axis_i_are_moved_last_by_the_preprocessing(tmp_path: Pat
     """A KiTS19-like file ((slices, rows, cols) with its affine) comes out with the slice axis last."""
     from monai.transforms import Compose
 
-    from scripts.transforms import ct_preprocessing
+    from scripts.data.transforms import ct_preprocessing
 
     data = np.zeros((3, 5, 7), np.int16)  # 3 slices of 5 x 7 pixels
     data[0] = 100  # first stored slice (most superior: affine row z = -5 * i)
@@ -179,10 +179,10 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from conftest import BUNDLE_ROOT
+    from helpers.paths import BUNDLE_ROOT
 
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from scripts.prepare_mots import main; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from scripts.data.prepare_mots import main; "
         "sys.argv = sys.argv[1:]; main()"
     )
     bad = subprocess.run(

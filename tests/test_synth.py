@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.label_mapping import MapTaskLabelsd
-from scripts.synth import (
+from scripts.data.label_mapping import MapTaskLabelsd
+from scripts.data.synth import (
     STRUCTURES,
     TASK_STRUCTURES,
     case_rng,
@@ -21,8 +21,8 @@ from scripts.synth import (
     generate_case,
     make_phantom,
 )
+from scripts.data.transforms import ct_preprocessing
 from scripts.tasks import TASKS, task_by_name
-from scripts.transforms import ct_preprocessing
 
 # plausible contrast-enhanced CT HU ranges of each structure's median (noise and texture included)
 HU_RANGES = {

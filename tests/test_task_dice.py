@@ -8,9 +8,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.checkpoints import latest_checkpoint
-from scripts.task_dice import TaskDiceHandler, TaskDiceMetric, structure_metric_names
+from scripts.evaluation.validation_dice import TaskDiceHandler, TaskDiceMetric, structure_metric_names
 from scripts.tasks import merged_structures
+from scripts.training.checkpoints import latest_checkpoint
 
 NAMES = [name for _, name, _, _, _ in merged_structures()]
 

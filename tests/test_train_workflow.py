@@ -18,16 +18,15 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from helpers.paths import BUNDLE_ROOT, REPO_ROOT
+from helpers.tiny_mots import write_tiny_mots
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-from tiny_mots import write_tiny_mots
 
-from scripts.datalist import DatalistError
-from scripts.label_mapping import UNLABELED
+from scripts.data.datalist import DatalistError
+from scripts.data.label_mapping import UNLABELED
 from scripts.networks import DoDNet
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_ROOT = REPO_ROOT / "dodnet_bundle"
 TRAIN = BUNDLE_ROOT / "configs" / "train.json"
 MULTI_GPU = BUNDLE_ROOT / "configs" / "multi_gpu_train.json"
 RUN_TIMEOUT_S = 240

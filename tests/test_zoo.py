@@ -24,11 +24,13 @@ from typing import Dict, Iterator, List
 import numpy as np
 import pytest
 import torch
+from helpers.paths import TOOLS_DIR
+from release import BUNDLE_NAME, ReleaseError, build, bundle_files, check_bundle, verify_zip
 
 from scripts.networks import DoDNet
-from scripts.release import BUNDLE_NAME, ReleaseError, build, bundle_files, check_bundle, verify_zip
 
 TINY = {"base_channels": 8}
+RELEASE_TOOL = TOOLS_DIR / "release.py"
 TIMEOUT = 300
 
 
@@ -231,7 +233,7 @@ def _workflow_properties(
 
 
 def test_train_workflow_properties(bundle_root, tmp_path):
-    from tiny_mots import write_tiny_mots
+    from helpers.tiny_mots import write_tiny_mots
 
     datalist = write_tiny_mots(tmp_path / "data", train_tasks=("liver", "spleen"), val_tasks=("colon",))
     overrides = {
@@ -248,7 +250,7 @@ def test_train_workflow_properties(bundle_root, tmp_path):
 
 
 def test_infer_workflow_properties(bundle_root, tmp_path):
-    from tiny_mots import make_case, write_nifti
+    from helpers.tiny_mots import make_case, write_nifti
 
     from scripts.tasks import resolve_task
 
@@ -321,8 +323,8 @@ def test_verify_zip_rejects_zip_without_top_level_folder(bundle_root, tmp_path):
 
 def test_release_cli(bundle_root, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.release", "build", "--output_dir", str(tmp_path)],
-        cwd=bundle_root,
+        [sys.executable, str(RELEASE_TOOL), "build", "--output_dir", str(tmp_path)],
+        cwd=bundle_root.parent,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -330,8 +332,8 @@ def test_release_cli(bundle_root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (zip_path,) = tmp_path.glob(f"{BUNDLE_NAME}_v*.zip")
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.release", "verify", str(zip_path)],
-        cwd=bundle_root,
+        [sys.executable, str(RELEASE_TOOL), "verify", str(zip_path)],
+        cwd=bundle_root.parent,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -406,7 +408,7 @@ def test_download_from_local_http_then_run_network(bundle_root, tiny_checkpoint,
 
     # full inference with the downloaded bundle's own inference.json, as a user would run it
     import nibabel as nib
-    from tiny_mots import make_case, write_nifti
+    from helpers.tiny_mots import make_case, write_nifti
 
     from scripts.tasks import resolve_task
 

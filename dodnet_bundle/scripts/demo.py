@@ -2,7 +2,7 @@
 
 ``bash dev.sh demo`` (console script ``dodnet-demo``) runs, through the bundle's own configs:
 
-1. ``scripts.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once);
+1. ``scripts.data.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once);
 2. ``configs/train.json`` with overrides for a laptop CPU (DoDNet of width 8 with GroupNorm groups scaled
    to the width, whole-volume patches of 64 x 64 x 32 voxels, Adam, about 1,850 iterations, no spatial
    augmentation: left-right flips would swap the liver and spleen sides of the phantom; the published
@@ -28,15 +28,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .atomic import write_json_atomic
-from .synth import ensure_mots_synth
-from .tasks import TASKS, resolve_task
+from scripts.data.synth import ensure_mots_synth
+from scripts.tasks import TASKS, resolve_task
+from scripts.utils import BUNDLE_ROOT, write_json_atomic
 
 __all__ = ["DEMO_DEFAULTS", "run_demo", "format_table", "main"]
 
 logger = logging.getLogger("dodnet.demo")
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DEFAULTS: Dict[str, Any] = {
     "num_per_task": 12,
@@ -118,7 +116,7 @@ def score_structure_masks(output_dir: Path, case: str, label_path: Path, task: s
     import nibabel as nib
     import torch
 
-    from .label_mapping import apply_rule
+    from scripts.data.label_mapping import apply_rule
 
     spec = resolve_task(task)
     label = np.asarray(nib.load(str(label_path)).dataobj)

@@ -24,7 +24,7 @@ class DynamicHead(nn.Module):
     form one matrix, so the pre-segmentation map is read once for every task; the rest run as
     batched matrix products over chunks of ``chunk_voxels`` voxels, which stay cache-resident.
 
-    With ``compiled`` set (``scripts.acceleration.compile_dynamic_heads``, the inference config's
+    With ``compiled`` set (``scripts.networks.acceleration.compile_dynamic_heads``, the inference config's
     ``compile_head``), inference without autograd runs each head as one kernel fused by ``torch.compile``
     (``scripts.networks.fused_head``): the same logits up to rounding, a fraction of the memory traffic.
     Training and TorchScript always use the eager head.

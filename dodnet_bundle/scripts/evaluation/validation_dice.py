@@ -16,8 +16,8 @@ import torch
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric, compute_dice
 
-from .label_mapping import UNLABELED
-from .tasks import merged_structures
+from scripts.data.label_mapping import UNLABELED
+from scripts.tasks import merged_structures
 
 __all__ = ["TaskDiceMetric", "TaskDiceHandler", "structure_metric_names"]
 

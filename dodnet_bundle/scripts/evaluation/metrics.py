@@ -1,6 +1,6 @@
 """Per-structure segmentation metrics: Dice, 95% Hausdorff distance in mm and normalized surface distance.
 
-The one implementation shared by the folder evaluator (``scripts/evaluate.py``) and the bundle's
+The one implementation shared by the folder evaluator (``scripts/evaluation/folders.py``) and the bundle's
 evaluation workflow (``configs/evaluate.json`` through ``scripts.metrics_handler``). The metrics
 themselves are MONAI's (``compute_dice``, ``compute_hausdorff_distance`` with ``percentile=95``,
 ``compute_surface_dice``); this module defines which voxels form each structure, how empty masks
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from .atomic import write_json_atomic, write_text_atomic
-from .tasks import TASKS, LabelRule, TaskSpec, merged_label_names
+from scripts.tasks import TASKS, LabelRule, TaskSpec, merged_label_names
+from scripts.utils import write_json_atomic, write_text_atomic
 
 __all__ = [
     "DEFAULT_NSD_TOLERANCE_MM",

@@ -19,12 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-__all__ = ["segment", "segment_main", "bundle_root"]
+from scripts.utils import BUNDLE_ROOT, root_cause
 
-
-def bundle_root() -> Path:
-    """The bundle folder holding ``configs/`` (this file lives in ``<bundle>/scripts/``)."""
-    return Path(__file__).resolve().parents[1]
+__all__ = ["segment", "segment_main"]
 
 
 def _as_list(value: Union[str, Sequence[str]]) -> List[str]:
@@ -78,9 +75,9 @@ def segment(
     """
     from monai.bundle import ConfigWorkflow
 
-    from .tasks import resolve_tasks
+    from scripts.tasks import resolve_tasks
 
-    root = bundle_root()
+    root = BUNDLE_ROOT
     names = [t.name for t in resolve_tasks(_as_list(tasks) if str(tasks).strip().lower() != "all" else "all")]
     inputs = _as_list(input)
     settings: Dict[str, Any] = {
@@ -136,8 +133,8 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point (``dodnet-segment``); exits 1 if any case failed or the run could not start."""
     import fire
 
-    from .cases import BadInputError
-    from .weights import MissingWeightsError
+    from scripts.data.cases import BadInputError
+    from scripts.networks.weights import MissingWeightsError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args) and "--" not in args:
@@ -152,9 +149,7 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         fire.Fire(command, command=args, name="dodnet-segment")
     except Exception as e:  # the config machinery wraps errors: report the root cause when it is the user's input
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
+        root = root_cause(e)
         if not isinstance(root, (MissingWeightsError, BadInputError)):
             raise
         print(f"dodnet-segment: {root}", file=sys.stderr)

@@ -25,7 +25,7 @@ Spacing caveat: the authors later stated (their issue #19) that the released wei
 
 Usage (from the bundle root)::
 
-    python -m scripts.convert_official_checkpoint --src MOTS_DynConv_checkpoint.pth --dst models/model.pt
+    python -m scripts.networks.convert_official_checkpoint --src MOTS_DynConv_checkpoint.pth --dst models/model.pt
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .atomic import atomic_output
+from scripts.utils import BUNDLE_ROOT, atomic_output
 
 __all__ = [
     "CheckpointMismatchError",
@@ -50,7 +50,6 @@ __all__ = [
     "build_network",
 ]
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 WRAPPER_KEYS = ("model", "state_dict", "network")
 PREFIXES = ("module.",)
 CONTROLLER_KEY = "controller."
@@ -256,6 +255,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if str(BUNDLE_ROOT) not in sys.path:  # run as a file path: make the ``scripts`` package importable
-        sys.path.insert(0, str(BUNDLE_ROOT))
     main()

@@ -26,9 +26,9 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .label_mapping import MapTaskLabelsd
-from .networks import DoDNetBackbone
-from .tasks import NUM_TASKS, TASKS, LabelRule, PostRule, TaskSpec, resolve_task
+from scripts.data.label_mapping import MapTaskLabelsd
+from scripts.networks import DoDNetBackbone
+from scripts.tasks import NUM_TASKS, TASKS, LabelRule, PostRule, TaskSpec, resolve_task
 
 __all__ = [
     "read_state_dict",

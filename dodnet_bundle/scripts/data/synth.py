@@ -34,8 +34,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_output, write_json_atomic
-from .tasks import TASKS, LabelRule, TaskSpec, resolve_task
+from scripts.tasks import TASKS, LabelRule, TaskSpec, resolve_task
+from scripts.utils import atomic_output, write_json_atomic
 
 __all__ = [
     "SYNTH_VERSION",
@@ -528,7 +528,7 @@ def ensure_mots_synth(
         ``{"image": "images/<case>.nii.gz", "label": "labels/<case>.nii.gz", "task": "<name>"}`` with
         paths relative to the datalist's folder.
     """
-    from .tasks import resolve_tasks
+    from scripts.tasks import resolve_tasks
 
     counts = _split_counts(num_per_task, num_val_per_task, num_test_per_task)
     specs = resolve_tasks(tasks)

@@ -2,10 +2,10 @@
 
 Each test case is segmented for its own task only (the evaluator passes the item's ``task_id`` to
 the network), giving binary (organ, tumor) masks (2, H, W, D) on the preprocessed grid
-(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``scripts.postprocessing.TaskPostProcessd``
+(0.8 x 0.8 x 1.5 mm, where the paper measured too). ``scripts.inference.postprocessing.TaskPostProcessd``
 with ``task_id_key`` applies the case's published post-processing rule. ``StructureMetricsSaver``
 scores each channel the case's source dataset labels (a channel filled with -1 by
-``MapTaskLabelsd`` is skipped) with the shared metrics of ``scripts.metrics`` (Dice, HD95 in mm,
+``MapTaskLabelsd`` is skipped) with the shared metrics of ``scripts.evaluation.metrics`` (Dice, HD95 in mm,
 NSD) and writes the per case x structure CSV and the JSON summary with the 11-class Table 6
 averages, atomically, when the run completes (and, with what it has, when the run fails).
 """
@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .evaluate import case_id
-from .label_mapping import UNLABELED
-from .metrics import (
+from scripts.data.label_mapping import UNLABELED
+from scripts.evaluation.folders import case_id
+from scripts.evaluation.metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
     spacing_from_affine,
     structure_metrics,
@@ -28,8 +28,8 @@ from .metrics import (
     write_metrics_csv,
     write_metrics_json,
 )
-from .tasks import resolve_task
-from .weights import load_network_weights
+from scripts.networks.weights import load_network_weights
+from scripts.tasks import resolve_task
 
 __all__ = ["WeightsLoader", "StructureMetricsSaver"]
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class WeightsLoader:
     """Ignite handler: strict load of the trained weights into ``network`` when the run starts.
 
-    A missing file raises ``scripts.weights.MissingWeightsError`` naming the path and how to get
+    A missing file raises ``scripts.networks.weights.MissingWeightsError`` naming the path and how to get
     weights (train, or convert the authors' checkpoint), before any case is loaded.
     """
 
@@ -73,7 +73,7 @@ class StructureMetricsSaver:
         output_dir: folder of ``csv_name`` and ``summary_name``.
         pred_key, label_key: keys in the engine output; task_id_key: key in the engine batch.
         nsd_tolerance_mm: NSD tolerance in mm.
-        both_empty: ``"exclude"`` or ``"count"`` (see ``scripts.metrics``).
+        both_empty: ``"exclude"`` or ``"count"`` (see ``scripts.evaluation.metrics``).
         threshold: prediction values above it are foreground (the masks are usually already binary).
         csv_name, summary_name: output file names.
     """

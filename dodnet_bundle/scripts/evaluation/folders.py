@@ -29,11 +29,11 @@ pass ``prediction_suffix=""`` for predictions named exactly like the references.
 Unpaired files are an error listing all of them (before any work) unless ``allow_unpaired``.
 Prediction and reference must share shape and affine (within ``affine_tolerance`` mm); a case that
 cannot be read or does not match is recorded with its error and the other cases are still scored.
-Metrics and the scoring of empty masks are defined in ``scripts/metrics.py``.
+Metrics and the scoring of empty masks are defined in ``scripts/evaluation/metrics.py``.
 
 Command line (from the bundle root)::
 
-    python -m scripts.evaluate PREDICTIONS REFERENCES OUTPUT_DIR [--mapping totalsegmentator]
+    python -m scripts.evaluation.folders PREDICTIONS REFERENCES OUTPUT_DIR [--mapping totalsegmentator]
         [--nsd_tolerance_mm 2] [--allow_unpaired] [--prediction_suffix ""]
 
 or through the bundle config ``configs/evaluate_folders.json``::
@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from monai.transforms import LoadImage
 
-from .metrics import (
+from scripts.evaluation.metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
     TABLE6_STRUCTURES,
     rule_matches,
@@ -68,7 +68,7 @@ from .metrics import (
     write_metrics_csv,
     write_metrics_json,
 )
-from .tasks import TASKS, resolve_task
+from scripts.tasks import TASKS, resolve_task
 
 __all__ = [
     "LABEL_EXTENSIONS",

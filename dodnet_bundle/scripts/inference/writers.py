@@ -15,11 +15,10 @@ import torch
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import Invertd, InvertibleTransform
 
-from .atomic import atomic_output, write_json_atomic
-from .inferer import as_bool
-from .preview import render_preview
-from .report import case_report
-from .tasks import resolve_tasks
+from scripts.inference.preview import render_preview
+from scripts.inference.report import case_report
+from scripts.tasks import resolve_tasks
+from scripts.utils import as_bool, atomic_output, write_json_atomic
 
 __all__ = ["save_image_atomic", "SegmentationWriter"]
 

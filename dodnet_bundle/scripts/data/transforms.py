@@ -1,6 +1,6 @@
 """The deterministic CT preprocessing chain, defined once and shared by training, evaluation and inference.
 
-Configs build it with ``{"_target_": "scripts.transforms.ct_preprocessing", ...}`` and splice the
+Configs build it with ``{"_target_": "scripts.data.transforms.ct_preprocessing", ...}`` and splice the
 returned flat list into their own ``Compose`` (``"$@preprocessing_steps + [...]"``), so dataset
 caching sees individual transforms and ``Invertd`` can undo orientation and resampling.
 """

@@ -27,8 +27,8 @@ from monai.transforms import KeepLargestConnectedComponent, MapTransform
 from monai.utils import convert_to_dst_type
 from skimage import measure
 
-from .inferer import as_bool
-from .tasks import PostRule, TaskSpec, merge_precedence, resolve_task, resolve_tasks
+from scripts.tasks import PostRule, TaskSpec, merge_precedence, resolve_task, resolve_tasks
+from scripts.utils import as_bool
 
 __all__ = ["remove_components_up_to", "apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
 

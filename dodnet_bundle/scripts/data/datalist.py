@@ -6,7 +6,7 @@ absolute or relative to the dataset folder. ``load_datalist`` checks every item 
 exist and are complete, image and label grids agree, the task is known, the label values belong
 to the task's source set) and raises one ``DatalistError`` listing every bad item, so a typo in item 731 is
 found in seconds rather than hours into training. With no dataset folder and no datalist it
-generates (once) and uses the synthetic MOTS-synth data of ``scripts.synth``.
+generates (once) and uses the synthetic MOTS-synth data of ``scripts.data.synth``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .file_checks import gzip_uncompressed_size, nifti_data_end
-from .tasks import TaskSpec, resolve_task
+from scripts.data.file_checks import gzip_uncompressed_size, nifti_data_end
+from scripts.tasks import TaskSpec, resolve_task
 
 __all__ = ["DatalistError", "load_datalist", "read_header", "nifti_truncation", "DEFAULT_DATALIST_NAME"]
 
@@ -209,7 +209,7 @@ def load_datalist(
     Where the data comes from:
 
     - ``dataset_dir`` empty and ``datalist`` empty: the synthetic MOTS-synth data, generated once into
-      ``cache_dir`` by ``scripts.synth.ensure_mots_synth`` (paths relative to its datalist).
+      ``cache_dir`` by ``scripts.data.synth.ensure_mots_synth`` (paths relative to its datalist).
     - ``dataset_dir`` given: ``datalist`` (default ``<dataset_dir>/datalist.json``); relative item
       paths are relative to ``dataset_dir``.
     - only ``datalist`` given: relative item paths are relative to the datalist's folder.
@@ -234,7 +234,7 @@ def load_datalist(
     if _blank(dataset_dir) and _blank(datalist):
         if _blank(cache_dir):
             raise DatalistError("no dataset_dir and no datalist given, and no cache_dir to generate MOTS-synth into")
-        from .synth import ensure_mots_synth
+        from scripts.data.synth import ensure_mots_synth
 
         datalist_path = Path(ensure_mots_synth(str(cache_dir), **(synth_options or {})))
         base = datalist_path.parent

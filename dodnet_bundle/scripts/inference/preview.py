@@ -7,7 +7,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .tasks import merged_label_colors, merged_label_names
+from scripts.tasks import merged_label_colors, merged_label_names
 
 __all__ = ["preview_slices", "render_preview"]
 

@@ -7,26 +7,30 @@ permissions, so the same tree always gives the same bytes. Caches (``__pycache__
 ``.cache``), run outputs (``eval/``, ``runs/``) and ``models/`` (weights; listed in
 ``large_files.yml`` instead) are left out unless ``include_weights`` is set.
 
-Usage (from the bundle root)::
+Release tooling of the repository, not shipped inside the bundle. Usage (from the repository root)::
 
-    python -m scripts.release build --output_dir ../dist
-    python -m scripts.release verify ../dist/dodnet_bundle_v0.1.3.zip
+    python tools/release.py build --output_dir dist
+    python tools/release.py verify dist/dodnet_bundle_v<version>.zip
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import List, Optional, Tuple, Union
 
-from .atomic import atomic_output
+BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "dodnet_bundle"
+if str(BUNDLE_ROOT) not in sys.path:  # the bundle's own atomic writer, imported under its one name
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+from scripts.utils import atomic_output  # noqa: E402
 
 __all__ = ["BUNDLE_NAME", "bundle_files", "check_bundle", "build", "verify_zip", "ReleaseError"]
 
 BUNDLE_NAME = "dodnet_bundle"
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 FILE_MODE = 0o644
 EXCLUDED_DIRS = {"__pycache__", ".cache", ".pytest_cache", ".ipynb_checkpoints", "eval", "runs", "mlruns"}

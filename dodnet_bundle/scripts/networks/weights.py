@@ -21,7 +21,7 @@ def _how_to_get_weights(path: Path) -> str:
         f"model weights not found: {path}. DoDNet never segments with random weights. Get weights by "
         "(a) training: python -m monai.bundle run --config_file configs/train.json (writes models/model.pt), or "
         "(b) converting the authors' released checkpoint, in the bundle folder: python -m "
-        "scripts.convert_official_checkpoint --src MOTS_DynConv_checkpoint.pth --dst models/model.pt "
+        "scripts.networks.convert_official_checkpoint --src MOTS_DynConv_checkpoint.pth --dst models/model.pt "
         "(and merge configs/official_weights.json for its spacing); or point ckpt_path "
         "(dodnet-segment --ckpt FILE) at an existing weights file."
     )

@@ -25,7 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInfererAdapt
 
-from .acceleration import (
+from scripts.networks.acceleration import (
     PRECISIONS,
     autocast,
     compile_dynamic_heads,
@@ -33,21 +33,10 @@ from .acceleration import (
     input_to_channels_last,
     to_channels_last,
 )
-from .tasks import TaskSpec, resolve_tasks
+from scripts.tasks import TaskSpec, resolve_tasks
+from scripts.utils import as_bool
 
-__all__ = ["TaskSlidingWindowInferer", "flip_combinations", "as_bool"]
-
-
-def as_bool(value: Union[bool, str, int]) -> bool:
-    """A flag given as a bool, an int or a string ("true"/"false", as MONAI Label may send it)."""
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in ("true", "1", "yes", "on"):
-            return True
-        if key in ("false", "0", "no", "off", ""):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return bool(value)
+__all__ = ["TaskSlidingWindowInferer", "flip_combinations"]
 
 
 def flip_combinations(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
@@ -104,7 +93,7 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         stitch_dtype: dtype of the stitched probabilities ("float16" halves the host memory).
         compute_dtype: dtype the network runs in (float32).
         precision: "fp32" (default), "bf16" (CPUs with AVX-512 bf16/AMX, GPUs) or "fp16" (GPUs): autocast
-            of the network (see ``scripts.acceleration``).
+            of the network (see ``scripts.networks.acceleration``).
         channels_last: run the network in channels-last 3-D layout (faster oneDNN/cuDNN convolutions);
             converts the network's parameters in place on the first call.
         compile_head: run the dynamic heads as one ``torch.compile``-fused kernel per task (same results;

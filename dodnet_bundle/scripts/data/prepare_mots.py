@@ -33,8 +33,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .atomic import write_json_atomic
-from .tasks import TaskSpec, resolve_tasks
+from scripts.tasks import TaskSpec, resolve_tasks
+from scripts.utils import write_json_atomic
 
 __all__ = ["DataPreparationError", "find_task_cases", "prepare_mots", "main", "LAYOUTS", "SPLIT_RULES"]
 

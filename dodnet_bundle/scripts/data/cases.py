@@ -22,7 +22,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .file_checks import gzip_uncompressed_size, nifti_data_end
+from scripts.data.file_checks import gzip_uncompressed_size, nifti_data_end
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -9,11 +9,11 @@ from typing import Any, Dict, Optional, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from helpers.paths import BUNDLE_ROOT
 from torch import nn
 
 from scripts.networks import DoDNet
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "dodnet_bundle"
 TINY_NET = {"network_def#base_channels": 8, "network_def#norm_groups": 8, "network_def#blocks": [1, 1, 1, 1, 1]}
 
 

@@ -15,7 +15,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from .networks.dynamic_head import DynamicHead
+from .dynamic_head import DynamicHead
 
 __all__ = [
     "PRECISIONS",

@@ -16,7 +16,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from .tasks import LabelRule, TaskSpec, resolve_task
+from scripts.tasks import LabelRule, TaskSpec, resolve_task
 
 __all__ = ["UNLABELED", "MapTaskLabelsd", "apply_rule", "label_source_name"]
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .tasks import TaskSpec, merged_label_names
+from scripts.tasks import TaskSpec, merged_label_names
 
 __all__ = ["voxel_volume_ml", "case_report"]
 

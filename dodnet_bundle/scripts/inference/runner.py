@@ -21,11 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .atomic import write_json_atomic
-from .cases import BadInputError, NonCTIntensityWarning, check_input
-from .inferer import as_bool
-from .weights import load_network_weights
-from .writers import SegmentationWriter
+from scripts.data.cases import BadInputError, NonCTIntensityWarning, check_input
+from scripts.inference.writers import SegmentationWriter
+from scripts.networks.weights import load_network_weights
+from scripts.utils import as_bool, root_cause, write_json_atomic
 
 __all__ = ["SegmentationRunner", "CasesFailedError", "describe_error"]
 
@@ -38,8 +37,7 @@ class CasesFailedError(RuntimeError):
 
 def describe_error(error: BaseException) -> str:
     """The first ``BadInputError`` in the cause chain, else the innermost cause, as ``Type: message``."""
-    while error.__cause__ is not None and not isinstance(error, BadInputError):
-        error = error.__cause__
+    error = root_cause(error, stop_at=(BadInputError,))
     if isinstance(error, BadInputError):  # names the file and the problem
         return str(error)
     text = str(error).strip().splitlines()
@@ -98,10 +96,7 @@ class SegmentationRunner:
         try:
             data = self.dataset[index]
         except Exception as e:
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
-            if isinstance(root, BadInputError):
+            if isinstance(root_cause(e), BadInputError):
                 raise
             message = describe_error(e).replace(f" for file: {item['image']}", "")
             kind = "DICOM series" if Path(item["image"]).is_dir() else "image"

@@ -12,7 +12,8 @@ optional ``task_id``.
 
 Usage (from the bundle root)::
 
-    python -m scripts.export --ckpt_file models/model.pt --filepath models/model.onnx --roi_size "[192,192,64]"
+    python -m scripts.inference.export --ckpt_file models/model.pt --filepath models/model.onnx \
+        --roi_size "[192,192,64]"
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from scripts.atomic import atomic_output
 from scripts.networks import DynamicHead, WSConv3d, standardize_weight
+from scripts.utils import atomic_output
 
 __all__ = [
     "AllTasksNetwork",
@@ -156,7 +157,7 @@ def export_onnx(
     Returns:
         the written path.
     """
-    from scripts.convert_official_checkpoint import build_network
+    from scripts.networks.convert_official_checkpoint import build_network
 
     network = build_network(bundle_root, config_file, network_args=network_args)
     if ckpt_file:

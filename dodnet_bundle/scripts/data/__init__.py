@@ -1,0 +1,35 @@
+"""Data: the CT preprocessing chain, label mapping, datalists, inference cases, MOTS-synth and MOTS preparation.
+
+Configs name components as ``scripts.data.<Name>``; the names below load their module on first use, so
+importing the package needs no torch.
+"""
+
+from scripts.utils import lazy_exports
+
+_EXPORTS = {
+    "ct_preprocessing": "transforms",
+    "DEFAULT_PIXDIM": "transforms",
+    "DEFAULT_HU_RANGE": "transforms",
+    "UNLABELED": "label_mapping",
+    "MapTaskLabelsd": "label_mapping",
+    "apply_rule": "label_mapping",
+    "label_source_name": "label_mapping",
+    "DatalistError": "datalist",
+    "load_datalist": "datalist",
+    "read_header": "datalist",
+    "nifti_truncation": "datalist",
+    "DEFAULT_DATALIST_NAME": "datalist",
+    "IMAGE_SUFFIXES": "cases",
+    "BadInputError": "cases",
+    "NonCTIntensityWarning": "cases",
+    "find_cases": "cases",
+    "case_name": "cases",
+    "check_input": "cases",
+    "CheckCTImaged": "cases",
+    "StashStringItemsd": "monailabel_compat",
+    "RestoreStashedItemsd": "monailabel_compat",
+    "STASH_KEY": "monailabel_compat",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -1,0 +1,27 @@
+"""Training: the partial-label loss, checkpoints that survive a killed run, and fine-tuning.
+
+Configs name components as ``scripts.training.<Name>``; the names below load their module on first use, so
+importing the package needs no torch.
+"""
+
+from scripts.utils import lazy_exports
+
+_EXPORTS = {
+    "PartialLabelDiceBCELoss": "losses",
+    "LAST_CHECKPOINT_PATTERN": "checkpoints",
+    "latest_checkpoint": "checkpoints",
+    "BestModelSaver": "checkpoints",
+    "LastCheckpointSaver": "checkpoints",
+    "read_state_dict": "finetune",
+    "controller_task_columns": "finetune",
+    "expand_task_checkpoint": "finetune",
+    "load_pretrained_dodnet": "finetune",
+    "new_task_spec": "finetune",
+    "NewTaskLabelsd": "finetune",
+    "load_new_task_datalist": "finetune",
+    "DoDNetSegmenter": "finetune",
+    "load_backbone_weights": "finetune",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)
