@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +107,30 @@ def test_inference_defaults_follow_the_device(bundle_root, device, sw_batch_size
     parser["device"] = device  # a plain string (a command-line override) works as well
     parser.parse(True)
     assert parser.get_parsed_content("channels_last") is channels_last
+
+
+@pytest.mark.parametrize("package", ["data", "training", "inference", "evaluation"])
+def test_package_exports_match_their_modules(package):
+    """Every public name of a stage package's component modules is reachable as scripts.<package>.<Name>
+    (the form configs use), and importing the package alone pulls in no torch-dependent module."""
+    import importlib
+
+    pkg = importlib.import_module(f"scripts.{package}")
+    for name, module in pkg._EXPORTS.items():
+        mod = importlib.import_module(f"scripts.{package}.{module}")
+        assert name in mod.__all__, f"scripts.{package}.{name}: not in {mod.__name__}.__all__"
+        assert getattr(pkg, name) is getattr(mod, name)
+    for module in set(pkg._EXPORTS.values()):
+        mod = importlib.import_module(f"scripts.{package}.{module}")
+        missing = set(mod.__all__) - set(pkg._EXPORTS)
+        assert not missing, f"{mod.__name__} exports {sorted(missing)} that scripts.{package} does not"
+
+
+def test_stage_packages_import_without_torch(bundle_root):
+    code = (
+        "import sys; import scripts.data, scripts.training, scripts.inference, scripts.evaluation, scripts.tasks;"
+        "import scripts.data.synth, scripts.data.prepare_mots, scripts.utils;"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=bundle_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -166,7 +166,7 @@ def _make_app(tmp: Path, real_ct: Path, bundle_root: Path) -> Dict[str, Path]:
     coarse = {
         "network_def#base_channels": TINY_WIDTH,
         "patch_size": [128, 128, 32],
-        "preprocessing_steps#pixdim": [3.0, 3.0, 3.0],
+        "pixdim": [3.0, 3.0, 3.0],
     }
     _edit_json(bundle / "configs" / "inference.json", coarse)
     _edit_json(

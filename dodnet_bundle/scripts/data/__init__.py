@@ -7,6 +7,7 @@ importing the package needs no torch.
 from scripts.utils import lazy_exports
 
 _EXPORTS = {
+    "ct_loader": "transforms",
     "ct_preprocessing": "transforms",
     "DEFAULT_PIXDIM": "transforms",
     "DEFAULT_HU_RANGE": "transforms",

@@ -1,8 +1,10 @@
 """The deterministic CT preprocessing chain, defined once and shared by training, evaluation and inference.
 
-Configs build it with ``{"_target_": "scripts.data.transforms.ct_preprocessing", ...}`` and splice the
-returned flat list into their own ``Compose`` (``"$@preprocessing_steps + [...]"``), so dataset
-caching sees individual transforms and ``Invertd`` can undo orientation and resampling.
+Configs build it with ``{"_target_": "scripts.data.ct_preprocessing", "pixdim": "@pixdim", "hu_range":
+"@hu_range", ...}`` and concatenate the returned flat list into their own ``Compose``
+(``"$@preprocessing_steps + [...]"``), so dataset caching sees individual transforms and ``Invertd`` can undo
+orientation and resampling. ``ct_loader`` is the chain's first step on its own, for configs that check the
+loaded image before resampling it (``inference.json`` builds the chain with ``load: false`` after it).
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from monai.transforms import (
     Spacingd,
 )
 
-__all__ = ["ct_preprocessing", "DEFAULT_PIXDIM", "DEFAULT_HU_RANGE"]
+__all__ = ["ct_loader", "ct_preprocessing", "DEFAULT_PIXDIM", "DEFAULT_HU_RANGE"]
 
 DEFAULT_PIXDIM = (0.8, 0.8, 1.5)
 DEFAULT_HU_RANGE = (-325.0, 325.0)
+
+
+def ct_loader(keys: Sequence[str] = ("image",)) -> LoadImaged:
+    """The chain's loading step: ITK reader (NIfTI, NRRD, MHA, DICOM series folders), channel first, image only."""
+    return LoadImaged(keys=list(keys), reader="ITKReader", ensure_channel_first=True, image_only=True)
 
 
 def ct_preprocessing(
@@ -57,7 +64,7 @@ def ct_preprocessing(
     keys = [image_key, *label_keys]
     steps: List[MapTransform] = []
     if load:
-        steps.append(LoadImaged(keys=keys, reader="ITKReader", ensure_channel_first=True, image_only=True))
+        steps.append(ct_loader(keys))
     steps += [
         # readers convert to RAS world coordinates, so axis labels are the RAS ones (explicit: MONAI's default moves)
         Orientationd(keys=keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),

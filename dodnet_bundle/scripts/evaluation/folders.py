@@ -83,7 +83,6 @@ __all__ = [
     "check_geometry",
     "evaluate_case",
     "evaluate_folders",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
