@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from scripts.inference.export import AllTasksNetwork, export_onnx, fold_weight_standardization, prepare_for_export
+from scripts.inference.export import export_onnx
 from scripts.networks import DoDNet, WSConv3d
+from scripts.networks.export_variants import AllTasksNetwork, fold_weight_standardization, prepare_for_export
 
 TINY = {"base_channels": 8}
 ROI = (32, 32, 16)
@@ -86,7 +87,7 @@ def test_onnx_rejects_other_shapes_instead_of_wrong_answers(onnx_file):
 def test_export_errors_name_the_problem(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match="not divisible by 16"):
         export_onnx(str(tmp_path / "a.onnx"), str(tiny_ckpt), roi_size=(30, 32, 16), network_args=TINY)
-    with pytest.raises(ValueError, match=r"model\.pt: does not fit the configured network_def"):
+    with pytest.raises(ValueError, match=r"model\.pt: the weights do not fit the network defined by network_def"):
         export_onnx(str(tmp_path / "b.onnx"), str(tiny_ckpt), roi_size=ROI)  # full-width config, tiny weights
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         export_onnx(str(tmp_path / "c.onnx"), str(tmp_path / "nothing.pt"), roi_size=ROI)

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from scripts.data.synth import case_rng, generate_case
-from scripts.networks import DoDNet
+from scripts.networks import DoDNet, DoDNetSegmenter
 from scripts.training.finetune import (
-    DoDNetSegmenter,
     expand_task_checkpoint,
     load_backbone_weights,
     load_new_task_datalist,
@@ -61,7 +60,7 @@ def test_expand_task_only_controller_and_refusals(tmp_path: Path) -> None:
         expand_task_checkpoint(_tiny_dodnet(conditioning="image").state_dict())
     with pytest.raises(ValueError, match="positive integer"):
         expand_task_checkpoint(old.state_dict(), num_new_tasks=0)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="model weights not found: .*missing.pt"):
         expand_task_checkpoint(tmp_path / "missing.pt")
     path = tmp_path / "seven.pt"
     torch.save(_tiny_dodnet(num_tasks=8).state_dict(), path)

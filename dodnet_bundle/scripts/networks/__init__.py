@@ -5,12 +5,14 @@ from .blocks import PreActResBlock
 from .controller import CONDITIONING_MODES, TaskController
 from .dodnet import DoDNet
 from .dynamic_head import DynamicHead
+from .segmenter import DoDNetSegmenter
 from .ws_conv import WSConv3d, standardize_weight
 
 __all__ = [
     "CONDITIONING_MODES",
     "DoDNet",
     "DoDNetBackbone",
+    "DoDNetSegmenter",
     "DynamicHead",
     "PreActResBlock",
     "TaskController",

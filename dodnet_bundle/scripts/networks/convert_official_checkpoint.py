@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from scripts.networks.weights import read_state_dict
 from scripts.utils import BUNDLE_ROOT, atomic_output
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
     "build_network",
 ]
 
-WRAPPER_KEYS = ("model", "state_dict", "network")
-PREFIXES = ("module.",)
 CONTROLLER_KEY = "controller."
 # the authors' (N, C, D, H, W) kernel -> MONAI's (N, C, H, W, D)
 KERNEL_PERMUTATION = (0, 1, 3, 4, 2)
@@ -77,61 +76,15 @@ def bundle_key_to_official(key: str) -> str:
     return key
 
 
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                changed = True
-    return key
-
-
 def load_official_state_dict(src: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Load the authors' checkpoint safely and return its weights with prefixes stripped.
-
-    Loads with ``torch.load(weights_only=True)``: a pickle holding anything but tensors and plain
-    containers is refused. Accepts a plain state dict or one wrapped under ``model`` /
-    ``state_dict`` / ``network`` (e.g. apex's ``{"model", "optimizer", "amp"}``). Floating-point
-    tensors are returned as float32 (FP16 runs store half-precision copies in some set-ups).
+    """Load the authors' checkpoint safely (``scripts.networks.weights.read_state_dict``: weights only, wrappers
+    and ``module.`` prefixes stripped) with floating-point tensors as float32 (FP16 runs store half copies).
 
     Raises:
         FileNotFoundError: ``src`` does not exist.
         ValueError: the file is not a weights-only checkpoint, or holds no state dict.
     """
-    path = Path(src)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError (truncated)...
-        raise ValueError(
-            f"{path}: refused to load: not a weights-only PyTorch checkpoint (torch.load(weights_only=True) "
-            f"failed; a pickle holding code or custom objects is never loaded): {type(e).__name__}: {e}"
-        ) from e
-    for _ in range(3):  # unwrap {"model": {...}} (possibly nested once more)
-        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
-    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-    if not_tensors or not obj:
-        raise ValueError(
-            f"{path}: not a state dict of tensors (top-level keys {sorted(map(str, obj))[:10]}); "
-            f"non-tensor entries: {not_tensors[:10]}; expected a plain state dict or one under "
-            f"{' / '.join(repr(k) for k in WRAPPER_KEYS)}"
-        )
-    out: Dict[str, torch.Tensor] = OrderedDict()
-    for key, value in obj.items():
-        name = _strip_prefixes(str(key))
-        if name in out:
-            raise ValueError(f"{path}: key {name!r} occurs twice once prefixes are stripped")
-        out[name] = value.float() if value.is_floating_point() else value
-    return out
+    return OrderedDict((k, v.float() if v.is_floating_point() else v) for k, v in read_state_dict(src).items())
 
 
 def convert_state_dict(

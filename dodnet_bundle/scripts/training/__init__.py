@@ -12,14 +12,12 @@ _EXPORTS = {
     "latest_checkpoint": "checkpoints",
     "BestModelSaver": "checkpoints",
     "LastCheckpointSaver": "checkpoints",
-    "read_state_dict": "finetune",
     "controller_task_columns": "finetune",
     "expand_task_checkpoint": "finetune",
     "load_pretrained_dodnet": "finetune",
     "new_task_spec": "finetune",
     "NewTaskLabelsd": "finetune",
     "load_new_task_datalist": "finetune",
-    "DoDNetSegmenter": "finetune",
     "load_backbone_weights": "finetune",
 }
 

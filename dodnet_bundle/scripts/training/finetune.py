@@ -27,18 +27,16 @@ import torch
 from torch import nn
 
 from scripts.data.label_mapping import MapTaskLabelsd
-from scripts.networks import DoDNetBackbone
+from scripts.networks.weights import read_state_dict
 from scripts.tasks import NUM_TASKS, TASKS, LabelRule, PostRule, TaskSpec, resolve_task
 
 __all__ = [
-    "read_state_dict",
     "controller_task_columns",
     "expand_task_checkpoint",
     "load_pretrained_dodnet",
     "new_task_spec",
     "NewTaskLabelsd",
     "load_new_task_datalist",
-    "DoDNetSegmenter",
     "load_backbone_weights",
 ]
 
@@ -47,28 +45,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 CONTROLLER_KEY = "controller.fc"
 FEATURES_KEY = "backbone.GAP.0.weight"
-
-
-def read_state_dict(checkpoint: Union[PathLike, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
-    """A network state dict from a checkpoint file or dict (``torch.load(weights_only=True)``).
-
-    Accepts a plain state dict, ``{"model": ...}`` / ``{"state_dict": ...}`` (MONAI/ignite savers), and
-    strips a ``module.`` prefix (DataParallel/DDP).
-    """
-    if isinstance(checkpoint, Mapping):
-        state = checkpoint
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist (train DoDNet first or point to its model.pt)")
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "network"):
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{checkpoint if not isinstance(checkpoint, Mapping) else 'checkpoint'}: not a state dict")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def controller_task_columns(state: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
@@ -255,39 +231,6 @@ def load_new_task_datalist(
     if problems:
         raise ValueError("bad fine-tuning datalist:\n" + "\n".join(problems))
     return out
-
-
-class DoDNetSegmenter(nn.Module):
-    """DoDNet's encoder-decoder with a plain multi-class output, for transfer to a multi-class task.
-
-    The backbone is ``DoDNetBackbone`` with the same module names as in DoDNet (so a DoDNet checkpoint's
-    ``backbone.*`` weights load into it); its last 1x1x1 pre-segmentation conv is replaced by one with
-    ``out_channels`` outputs. No controller, no dynamic head, no task input.
-
-    Args:
-        in_channels: image channels (1).
-        out_channels: classes including background (14 for BCV: 13 organs + background).
-        base_channels, blocks, norm_groups, weight_std: as ``DoDNet`` (must match the checkpoint).
-
-    Forward: image (B, in_channels, H, W, D), sizes divisible by 16 -> logits (B, out_channels, H, W, D).
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 14,
-        base_channels: int = 32,
-        blocks: Sequence[int] = (1, 2, 2, 2, 2),
-        norm_groups: int = 16,
-        weight_std: bool = True,
-    ) -> None:
-        super().__init__()
-        self.backbone = DoDNetBackbone(in_channels, base_channels, blocks, 8, norm_groups, weight_std)
-        self.backbone.precls_conv[2] = nn.Conv3d(base_channels, out_channels, kernel_size=1)
-        self.out_channels = out_channels
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.backbone(image)[0]
 
 
 def load_backbone_weights(
