@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import json
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def test_monai_verify_metadata_tool(bundle_root, schema_path, tmp_path):
 def test_version_is_in_changelog(bundle_root):
     meta = load_metadata(bundle_root)
     assert meta["version"] in meta["changelog"]
+
+
+def test_package_version_equals_bundle_version(bundle_root):
+    setup_cfg = configparser.ConfigParser(interpolation=None)
+    assert setup_cfg.read(bundle_root.parent / "setup.cfg", encoding="utf-8"), "setup.cfg not found"
+    assert setup_cfg["metadata"]["version"] == load_metadata(bundle_root)["version"]
 
 
 def test_inputs_are_image_then_task_id(bundle_root):
