@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from helpers.tiny_mots import SPACING, write_nifti, write_tiny_mots
 
-from scripts.data.datalist import DatalistError, load_datalist, nifti_truncation, read_header
+from scripts.data.datalist import DatalistError, load_datalist, read_header
+from scripts.data.file_checks import nifti_truncation
 
 SHAPE = (12, 12, 6)
 

@@ -12,7 +12,7 @@ Task order follows the authors' one-hot encoding: 0 liver, 1 kidney, 2 hepatic v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "LabelRule",
@@ -44,6 +44,11 @@ class LabelRule:
 
     def describe(self) -> str:
         return f"label >= {self.min_value}" if self.min_value is not None else f"label == {self.equals}"
+
+    def matches(self, label: Any) -> Any:
+        """Foreground under this rule, elementwise: a bool for an int, a bool array/tensor for a numpy array or a
+        torch tensor of any shape (``label >= min_value`` or ``label == equals``)."""
+        return label >= self.min_value if self.min_value is not None else label == self.equals
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ _EXPORTS = {
     "DatalistError": "datalist",
     "load_datalist": "datalist",
     "read_header": "datalist",
-    "nifti_truncation": "datalist",
     "DEFAULT_DATALIST_NAME": "datalist",
     "IMAGE_SUFFIXES": "cases",
     "BadInputError": "cases",
@@ -30,6 +29,17 @@ _EXPORTS = {
     "StashStringItemsd": "monailabel_compat",
     "RestoreStashedItemsd": "monailabel_compat",
     "STASH_KEY": "monailabel_compat",
+    "PREPROCESS_VERSION": "preprocess",
+    "MANIFEST_NAME": "preprocess",
+    "CASE_RECORD_NAME": "preprocess",
+    "PreprocessError": "preprocess",
+    "preprocess_case": "preprocess",
+    "preprocess_datalist": "preprocess",
+    "LoadPatchd": "patches",
+    "LoadPreprocessedCased": "patches",
+    "load_preprocessed_datalist": "patches",
+    "cases_per_task": "patches",
+    "patch_window": "patches",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

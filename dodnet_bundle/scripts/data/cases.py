@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-import zlib
 from pathlib import Path
 from typing import Dict, Hashable, List, Mapping, Sequence, Union
 
@@ -22,7 +21,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.data.file_checks import gzip_uncompressed_size, nifti_data_end
+from scripts.data.file_checks import gzip_problem, nifti_truncation
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -138,23 +137,16 @@ def check_input(path: PathLike) -> None:
     size = p.stat().st_size
     if size == 0:
         raise BadInputError(f"{p}: empty file (0 bytes)")
-    suffix = _suffix(p)
-    if p.name.lower().endswith(".gz"):
-        size = _check_gzip(p)
-    if suffix in (".nii", ".nii.gz"):
-        _check_nifti(p, size)
+    problem = gzip_problem(p) if p.name.lower().endswith(".gz") else None
+    if problem is None and _suffix(p) in (".nii", ".nii.gz"):
+        _check_nifti_header(p)
+        problem = nifti_truncation(p)
+    if problem:
+        raise BadInputError(problem)
 
 
-def _check_gzip(p: Path) -> int:
-    """Decompress the whole stream (catches truncation and CRC errors); returns the uncompressed size."""
-    try:
-        return gzip_uncompressed_size(p)
-    except (OSError, EOFError, zlib.error) as e:
-        raise BadInputError(f"{p}: corrupt or truncated gzip file ({e})") from None
-
-
-def _check_nifti(p: Path, size: int) -> None:
-    """Header readable, 3-D, and the (uncompressed) file holds all the voxel data the header announces."""
+def _check_nifti_header(p: Path) -> None:
+    """The NIfTI header is readable and describes one 3-D volume."""
     import nibabel as nib
 
     try:
@@ -170,9 +162,6 @@ def _check_nifti(p: Path, size: int) -> None:
             f"{p}: is a {len(spatial)}-D image of shape {shape}; DoDNet needs one 3-D CT volume "
             "(split time series or multi-channel images into 3-D files)"
         )
-    needed = nifti_data_end(img)
-    if size < needed:
-        raise BadInputError(f"{p}: truncated image data ({size} bytes of {needed} the header announces)")
 
 
 class CheckCTImaged(MapTransform):

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from scripts.data.file_checks import gzip_uncompressed_size, nifti_data_end
+from scripts.data.file_checks import nifti_truncation
 from scripts.tasks import TaskSpec, resolve_task
 
-__all__ = ["DatalistError", "load_datalist", "read_header", "nifti_truncation", "DEFAULT_DATALIST_NAME"]
+__all__ = ["DatalistError", "load_datalist", "read_header", "DEFAULT_DATALIST_NAME"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -84,34 +83,6 @@ def _grid(affine: np.ndarray) -> str:
 
 def _fmt(values: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in np.ravel(values)) + ")"
-
-
-def nifti_truncation(path: Path) -> Optional[str]:
-    """Why a NIfTI file is shorter than its header says (a cut-off download or copy), or None.
-
-    ITK reads such files without error and fills the missing part with zeros. The check reads the
-    header and, for ``.nii.gz``, the gzip trailer (the uncompressed size modulo 2**32, the last 4
-    bytes); only when that disagrees with the header (also the case for multi-member gzip files) is
-    the stream decompressed to count its bytes. Other formats are not checked.
-    """
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return None
-    import nibabel as nib
-
-    expected = nifti_data_end(nib.load(str(path)))
-    if not name.endswith(".gz"):
-        size = path.stat().st_size
-        return f"{path} is truncated: {size} bytes, the header needs {expected}" if size < expected else None
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected % 2**32:
-            return None
-    try:
-        total = gzip_uncompressed_size(path)
-    except (OSError, EOFError, zlib.error) as err:
-        return f"{path} is truncated or corrupt: {err}"
-    return f"{path} is truncated: {total} bytes of data, the header needs {expected}" if total < expected else None
 
 
 def _label_values(path: Path) -> np.ndarray:

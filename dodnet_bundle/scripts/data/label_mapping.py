@@ -26,8 +26,7 @@ UNLABELED: float = -1.0
 
 def apply_rule(rule: LabelRule, label: torch.Tensor) -> torch.Tensor:
     """Binary float mask of ``label`` (any shape) under ``rule`` (``label >= min_value`` or ``label == equals``)."""
-    mask = label >= rule.min_value if rule.min_value is not None else label == rule.equals
-    return mask.to(torch.float32)
+    return rule.matches(label).to(torch.float32)
 
 
 def label_source_name(label: Any, fallback: Optional[Any] = None) -> str:

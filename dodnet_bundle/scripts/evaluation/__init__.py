@@ -21,7 +21,6 @@ _EXPORTS = {
     "structure_metric_names": "validation_dice",
     "WeightsLoader": "handlers",
     "StructureMetricsSaver": "handlers",
-    "LABEL_EXTENSIONS": "folders",
     "merged_mapping": "folders",
     "source_mapping": "folders",
     "TOTALSEGMENTATOR_MAPPING": "folders",

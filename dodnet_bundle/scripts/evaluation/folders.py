@@ -57,10 +57,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from monai.transforms import LoadImage
 
+from scripts.data.cases import IMAGE_SUFFIXES
 from scripts.evaluation.metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
     TABLE6_STRUCTURES,
-    rule_matches,
     spacing_from_affine,
     structure_metrics,
     structure_task,
@@ -71,7 +71,6 @@ from scripts.evaluation.metrics import (
 from scripts.tasks import TASKS, resolve_task
 
 __all__ = [
-    "LABEL_EXTENSIONS",
     "merged_mapping",
     "source_mapping",
     "TOTALSEGMENTATOR_MAPPING",
@@ -87,7 +86,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LABEL_EXTENSIONS: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 LabelMapping = Dict[str, Tuple[int, ...]]
 
@@ -97,13 +95,9 @@ def merged_mapping() -> LabelMapping:
     where the task's organ rule covers the tumor's source values (liver, kidney, pancreas)."""
     mapping: LabelMapping = {}
     for spec in TASKS:
-        tumor_values = [
-            v for v in spec.source_values if spec.tumor_rule is not None and rule_matches(spec.tumor_rule, v)
-        ]
+        tumor_values = [v for v in spec.source_values if spec.tumor_rule is not None and spec.tumor_rule.matches(v)]
         organ_covers_tumor = (
-            spec.organ_rule is not None
-            and bool(tumor_values)
-            and all(rule_matches(spec.organ_rule, v) for v in tumor_values)
+            spec.organ_rule is not None and bool(tumor_values) and all(spec.organ_rule.matches(v) for v in tumor_values)
         )
         for name, channel, merged_id, _ in spec.structures():
             if channel == 0 and organ_covers_tumor and spec.tumor_id is not None:
@@ -121,7 +115,7 @@ def source_mapping(task: Union[str, int]) -> LabelMapping:
         rule = spec.organ_rule if channel == 0 else spec.tumor_rule
         if rule is None:
             continue
-        mapping[name] = tuple(v for v in spec.source_values if v != 0 and rule_matches(rule, v))
+        mapping[name] = tuple(v for v in spec.source_values if v != 0 and rule.matches(v))
     return mapping
 
 
@@ -199,7 +193,7 @@ def resolve_label_mapping(mapping: Union[None, str, Path, Mapping[str, Any]] = "
 def case_id(path: Path, suffix: str = "") -> Optional[str]:
     """The case id of a label file: its name without the extension and ``suffix``; None if not a label file."""
     name = path.name
-    for ext in LABEL_EXTENSIONS:
+    for ext in IMAGE_SUFFIXES:
         if name.lower().endswith(ext):
             stem = name[: -len(ext)]
             if suffix:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from scripts.tasks import TASKS, LabelRule, TaskSpec, merged_label_names
+from scripts.tasks import TASKS, TaskSpec, merged_label_names
 from scripts.utils import write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -84,11 +84,6 @@ def structure_task(structure: str) -> TaskSpec:
         if structure in (name for name, _, _, _ in spec.structures()):
             return spec
     raise ValueError(f"unknown structure {structure!r}; known structures: {', '.join(TABLE6_STRUCTURES)}")
-
-
-def rule_matches(rule: LabelRule, value: int) -> bool:
-    """Whether a source label ``value`` is foreground under ``rule``."""
-    return value >= rule.min_value if rule.min_value is not None else value == rule.equals
 
 
 def spacing_from_affine(affine: Any) -> Tuple[float, ...]:
