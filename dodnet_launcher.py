@@ -56,3 +56,12 @@ def prepare_mots() -> None:
     from scripts.data.prepare_mots import main
 
     main()
+
+
+def preprocess() -> None:
+    """``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N]``: resample once into memory-mappable arrays
+    (scripts.data.preprocess)."""
+    bundle_root()
+    from scripts.data.preprocess import main
+
+    main()

@@ -18,6 +18,11 @@ _EXPORTS = {
     "new_task_spec": "finetune",
     "NewTaskLabelsd": "finetune",
     "load_new_task_datalist": "finetune",
+    "SAMPLING_MODES": "sampling",
+    "TaskSampler": "sampling",
+    "task_weights": "sampling",
+    "resolve_precision": "validation",
+    "AutocastSlidingWindowInferer": "validation",
     "load_backbone_weights": "finetune",
 }
 
