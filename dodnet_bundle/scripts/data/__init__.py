@@ -1,13 +1,17 @@
 """Data: the CT preprocessing chain, label mapping, datalists, inference cases, MOTS-synth and MOTS preparation.
 
-Configs name components as ``scripts.data.<Name>``; the names below load their module on first use, so
-importing the package needs no torch.
+Components are named ``scripts.data.<Name>`` (loaded on first use, see ``scripts.utils.lazy_exports``).
 """
 
 from scripts.utils import lazy_exports
 
 _EXPORTS = {
     "ct_loader": "transforms",
+    "DEFAULT_BODY_HU": "body_crop",
+    "hu_to_scaled": "body_crop",
+    "body_bounding_box": "body_crop",
+    "BodyMask": "body_crop",
+    "BodyCropd": "body_crop",
     "ct_preprocessing": "transforms",
     "DEFAULT_PIXDIM": "transforms",
     "DEFAULT_HU_RANGE": "transforms",

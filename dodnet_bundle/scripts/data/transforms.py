@@ -21,6 +21,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from scripts.data.body_crop import BodyCropd
+
 __all__ = ["ct_loader", "ct_preprocessing", "DEFAULT_PIXDIM", "DEFAULT_HU_RANGE"]
 
 DEFAULT_PIXDIM = (0.8, 0.8, 1.5)
@@ -40,6 +42,7 @@ def ct_preprocessing(
     axcodes: str = "RAS",
     load: bool = True,
     image_mode: str = "bilinear",
+    body_crop: bool = False,
 ) -> List[MapTransform]:
     """Load, orient, resample and normalize a CT image (and optionally its labels).
 
@@ -47,7 +50,7 @@ def ct_preprocessing(
     (``axcodes``; RAS puts the slice axis last, so the layout is (C, H, W, D)) -> ``Spacingd``
     (``pixdim`` mm in (H, W, D) order: 0.8 x 0.8 x 1.5 by default; image ``image_mode``, labels
     nearest) -> ``ScaleIntensityRanged`` (HU clipped to ``hu_range`` and mapped to [-1, 1]) ->
-    ``EnsureTyped`` (float32 image).
+    ``BodyCropd`` (only with ``body_crop``: the body's bounding box, invertible) -> ``EnsureTyped`` (float32 image).
 
     Args:
         image_key: key of the CT image.
@@ -57,6 +60,7 @@ def ct_preprocessing(
         axcodes: target orientation.
         load: include the ``LoadImaged`` step (False when images arrive as tensors, as in MONAI Label).
         image_mode: interpolation of the image ("bilinear" is trilinear in 3-D; 3 is cubic spline).
+        body_crop: crop image and labels to the body's bounding box (``scripts.data.body_crop``).
 
     Returns:
         a flat list of dictionary transforms.
@@ -74,6 +78,8 @@ def ct_preprocessing(
         ScaleIntensityRanged(
             keys=image_key, a_min=float(hu_range[0]), a_max=float(hu_range[1]), b_min=-1.0, b_max=1.0, clip=True
         ),
-        EnsureTyped(keys=image_key, dtype="float32"),
     ]
+    if body_crop:
+        steps.append(BodyCropd(keys=keys, source_key=image_key, hu_range=hu_range))
+    steps.append(EnsureTyped(keys=image_key, dtype="float32"))
     return steps

@@ -1,7 +1,6 @@
 """Evaluation: per-structure metrics, validation Dice, the labeled-test-set handlers and folder evaluation.
 
-Configs name components as ``scripts.evaluation.<Name>``; the names below load their module on first use, so
-importing the package needs no torch.
+Components are named ``scripts.evaluation.<Name>`` (loaded on first use, see ``scripts.utils.lazy_exports``).
 """
 
 from scripts.utils import lazy_exports

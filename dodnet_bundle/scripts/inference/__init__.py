@@ -1,7 +1,6 @@
 """Inference: the task-aware sliding window, post-processing, the case runner, writers, reports and previews.
 
-Configs name components as ``scripts.inference.<Name>``; the names below load their module on first use, so
-importing the package needs no torch.
+Components are named ``scripts.inference.<Name>`` (loaded on first use, see ``scripts.utils.lazy_exports``).
 """
 
 from scripts.utils import lazy_exports

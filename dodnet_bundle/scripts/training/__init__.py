@@ -1,7 +1,6 @@
 """Training: the partial-label loss, checkpoints that survive a killed run, and fine-tuning.
 
-Configs name components as ``scripts.training.<Name>``; the names below load their module on first use, so
-importing the package needs no torch.
+Components are named ``scripts.training.<Name>`` (loaded on first use, see ``scripts.utils.lazy_exports``).
 """
 
 from scripts.utils import lazy_exports
@@ -18,12 +17,12 @@ _EXPORTS = {
     "new_task_spec": "finetune",
     "NewTaskLabelsd": "finetune",
     "load_new_task_datalist": "finetune",
+    "load_backbone_weights": "finetune",
     "SAMPLING_MODES": "sampling",
     "TaskSampler": "sampling",
     "task_weights": "sampling",
     "resolve_precision": "validation",
     "AutocastSlidingWindowInferer": "validation",
-    "load_backbone_weights": "finetune",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
