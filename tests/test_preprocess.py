@@ -201,3 +201,15 @@ def test_cases_per_task_is_a_deterministic_spread():
     assert cases_per_task(items, None) == items and cases_per_task(None, 3) is None
     with pytest.raises(ValueError, match="val_cases_per_task"):
         cases_per_task(items, 0)
+
+
+def test_realistic_synth_case_has_mots_sizes():
+    from scripts.data.synth import realistic_case
+
+    for seed in range(3):
+        case = realistic_case("kidney", np.random.default_rng(seed), max_slices=60)
+        spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+        assert case.image.shape[:2] == (512, 512) and 40 <= case.image.shape[2] <= 60
+        assert case.image.dtype == np.int16 and case.label.shape == case.image.shape
+        assert 0.6 <= spacing[0] == spacing[1] <= 1.0 and 0.7 <= spacing[2] <= 5.0
+        assert set(np.unique(case.label).tolist()) == {0, 1, 2}

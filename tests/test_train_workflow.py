@@ -275,3 +275,105 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     assert not any(k.startswith("module.") for k in last["model"]), "DDP wrapper leaked into the checkpoint"
     # 7 training items over 2 ranks (4 each, padded), batch 2 -> 2 iterations per rank
     assert "Epoch: 1/1, Iter: 2/2" in log and log.count("Saved checkpoint at epoch: 1") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_preprocessed(tiny_data, tmp_path_factory) -> Path:
+    from scripts.data.preprocess import preprocess_datalist
+
+    out = tmp_path_factory.mktemp("tiny_preprocessed")
+    _, failures = preprocess_datalist(tiny_data / "datalist.json", out, workers=0, progress=False)
+    assert failures == []
+    return out
+
+
+def test_preprocessed_dir_reads_patches_of_memory_mapped_cases(tmp_path, tiny_data, tiny_preprocessed):
+    """With preprocessed_dir the datasets hold paths only; training items become patches (pad where the case is
+    smaller), validation items whole cases; the unlabeled marker survives as in the default pipeline."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(_overrides(tmp_path, tiny_data, preprocessed_dir=str(tiny_preprocessed), patch_size=[48, 48, 16]))
+    assert parser.get_parsed_content("train#datalist") is None  # the source datalist is not even read
+    dataset = parser.get_parsed_content("train#dataset")
+    assert len(dataset) == 7 and all(isinstance(dataset.data[i]["image"], str) for i in range(7))
+    for index in range(len(dataset)):
+        out = dataset[index]
+        task = dataset.data[index]["task"]
+        assert out["image"].shape == (1, 48, 48, 16) and out["label"].shape == (2, 48, 48, 16)
+        unlabeled = {"colon": 0, "lung": 0, "spleen": 1}.get(task)
+        for channel in (0, 1):
+            values = set(torch.unique(out["label"][channel]).tolist())
+            assert values == {UNLABELED} if channel == unlabeled else values <= {0.0, 1.0}
+    val = parser.get_parsed_content("validate#dataset")
+    case = val[0]
+    assert case["image"].shape == (1, 40, 40, 20) and case["label"].shape == (2, 40, 40, 20)
+    assert case["task_id"] == 0
+
+
+def test_val_cases_per_task_and_sampler_options(tmp_path, tiny_data):
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(
+        _overrides(tmp_path, tiny_data, val_cases_per_task=1, sampling="task_balanced", iterations_per_epoch=3)
+    )
+    assert [i["task"] for i in parser.get_parsed_content("validate#dataset").data] == ["liver", "colon"]
+    sampler = parser.get_parsed_content("train#sampler")
+    assert sampler.sampling == "task_balanced" and len(sampler) == 3 * 4
+    assert len(parser.get_parsed_content("train#dataloader")) == 3
+    assert parser.get_parsed_content("validate#inferer").precision == "auto"
+
+
+def test_broken_preprocessed_case_fails_before_training(tmp_path, tiny_data, tiny_preprocessed):
+    import shutil
+
+    copy_dir = tmp_path / "pre"
+    shutil.copytree(tiny_preprocessed, copy_dir)
+    label = copy_dir / "cases" / "training_003_pancreas" / "label.npy"
+    label.write_bytes(label.read_bytes()[:-64])
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(_overrides(tmp_path, tiny_data, preprocessed_dir=str(copy_dir)))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("train#trainer")
+    error = info.value
+    while error is not None and not isinstance(error, DatalistError):
+        error = error.__cause__
+    assert isinstance(error, DatalistError), f"expected a DatalistError, got {info.value!r}"
+    assert f"label {label} is missing, truncated" in str(error)
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_one_tiny_epoch_from_preprocessed_dir(tmp_path, tiny_data, tiny_preprocessed):
+    overrides = _overrides(
+        tmp_path,
+        tiny_data,
+        preprocessed_dir=str(tiny_preprocessed),
+        dataset_dir="",
+        batch_size=2,
+        iterations_per_epoch=3,
+        sampling="task_balanced",
+        val_cases_per_task=1,
+    )
+    result = _bundle_run(overrides)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Epoch: 1/1, Iter: 3/3" in log
+    assert "val_dice_liver: " in log and "val_dice_colon_tumor: " in log
+    assert _epoch(_load(tmp_path / "models" / "checkpoint_epoch=1.pt")) == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_from_preprocessed_dir(tmp_path, tiny_data, tiny_preprocessed):
+    overrides = _overrides(tmp_path, tiny_data, preprocessed_dir=str(tiny_preprocessed), dataset_dir="", batch_size=2)
+    config = json.dumps([str(TRAIN), str(MULTI_GPU)])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "--config_file", config, "--dist_backend", "gloo",
+    ] + _cli(overrides)  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    # 7 training items over 2 ranks (4 each, wrapped), batch 2 -> 2 iterations per rank
+    assert "Epoch: 1/1, Iter: 2/2" in log and log.count("Saved checkpoint at epoch: 1") == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]

@@ -49,6 +49,8 @@ __all__ = [
     "case_rng",
     "SynthCase",
     "generate_case",
+    "SIZE_MODES",
+    "realistic_case",
     "ensure_mots_synth",
 ]
 
@@ -458,6 +460,37 @@ def generate_case(
         affine[:2, :2] *= -1.0
         affine[:2, 3] = first[:2] + (shape[:2] - 1) * np.asarray(spacing[:2])
     return SynthCase(image, label, affine, structures)
+
+
+SIZE_MODES = ("default", "realistic")
+"""``default``: the miniature volumes above; ``realistic``: MOTS-sized grids (``realistic_case``)."""
+
+
+def realistic_case(task: Union[str, int, TaskSpec], rng: np.random.Generator, max_slices: int = 900) -> SynthCase:
+    """A case on a MOTS-sized grid: 512 x 512 in-plane at 0.6-1.0 mm, 40-900 slices at 0.7-5 mm.
+
+    The slice spacing is drawn first and the slice count within 40-``max_slices`` so that the scan covers
+    150-1000 mm, as real CTs do. The phantom is sampled on a coarse grid (64 x 64 x 32 voxels) and stretched to the
+    full grid with nearest-neighbour indexing, plus per-slice scanner noise: the arrays have real CT sizes (for
+    benchmarking preprocessing, disk and loaders), not real CT detail. Same outputs as ``generate_case``.
+    """
+    spec = task if isinstance(task, TaskSpec) else resolve_task(task)
+    in_plane, slice_mm = rng.uniform(0.6, 1.0), rng.uniform(0.7, 5.0)
+    low = int(np.clip(np.ceil(150.0 / slice_mm), 40, max_slices))
+    high = int(np.clip(np.floor(1000.0 / slice_mm), low, max_slices))
+    shape = (512, 512, int(rng.integers(low, high + 1)))
+    coarse = generate_case(spec, rng)
+    index = np.ix_(*[np.minimum((np.arange(n) * c) // n, c - 1) for n, c in zip(shape, coarse.image.shape)])
+    noise = np.round(rng.normal(0.0, 8.0, size=(4, 512, 512))).astype(np.int16)
+    image = coarse.image[index]
+    for z in range(shape[2]):
+        image[:, :, z] += noise[z % 4]
+    spacing = np.array([in_plane, in_plane, slice_mm])
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, :3] = coarse.affine[:3, :3] / np.linalg.norm(coarse.affine[:3, :3], axis=0) * spacing
+    centre = coarse.affine[:3, :3] @ ((np.array(coarse.image.shape) - 1) / 2.0) + coarse.affine[:3, 3]
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    return SynthCase(image, coarse.label[index], affine, coarse.structures[index])
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:

@@ -68,7 +68,7 @@ class TaskSampler(DistributedSampler):
         if num_samples is not None and int(num_samples) < 1:
             raise ValueError(f"num_samples (iterations_per_epoch x batch_size) must be >= 1, got {num_samples}")
         self.sampling = sampling
-        self.tasks = [item[task_key] for item in data]
+        self.tasks = [item.get(task_key) for item in data]  # items without a task form one group
         self.num_samples = int(num_samples) if num_samples is not None else math.ceil(len(data) / num_replicas)
         self.total_size = self.num_samples * num_replicas
 
