@@ -57,3 +57,86 @@ def test_table_lists_every_task_and_the_organ_mean() -> None:
     assert "held-out inference (x.nii.gz, task liver" in table
     failed = format_table(summary, {"case": "x.nii.gz", "task": "liver", "error": "boom"})
     assert "FAILED: boom" in failed
+
+
+def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
+    from monai.bundle import ConfigParser
+
+    from scripts.demo import DEMO_CONFIG, DEMO_DEFAULTS, demo_overrides, demo_settings
+
+    parser = ConfigParser()
+    parser.read_config([str(DEMO_CONFIG.parent / "train.json"), str(DEMO_CONFIG)])
+    assert parser.get("_desc_", "").startswith("Merged on train.json")
+    network = parser.get_parsed_content("network_def")
+    assert network.backbone is not None and parser.get_parsed_content("network_def#base_channels") == 8
+    assert parser.get_parsed_content("optimizer#_target_") == "torch.optim.Adam"
+    assert parser.get("train#augmentations") == []
+    assert parser.get_parsed_content("synth_options") == {
+        "num_per_task": 12,
+        "num_val_per_task": 2,
+        "num_test_per_task": 4,
+        "seed": 0,
+    }
+    settings = demo_settings()
+    assert {k: settings[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS  # what run_demo reports is demo.json's
+    assert settings["steps_per_epoch"] == 42 and settings["optimizer"] == "torch.optim.Adam"
+    assert settings["epochs"] == parser.get_parsed_content("epochs")
+    changed = demo_settings(demo_overrides(epochs=3, base_channels=4, num_per_task=2, learning_rate=0.01))
+    assert (changed["epochs"], changed["base_channels"], changed["num_per_task"]) == (3, 4, 2)
+    assert changed["learning_rate"] == 0.01 and changed["steps_per_epoch"] == 7
+    with pytest.raises(TypeError, match="unknown demo settings"):
+        demo_overrides(width=4)
+
+
+def test_demo_post_rules_replace_the_published_tumor_cut_off() -> None:
+    import torch
+
+    from scripts.demo import RuleTaskPostProcessd, _post_rule_overrides, demo_settings
+    from scripts.inference import TaskPostProcessd
+
+    rules = demo_settings()["post_rules"]
+    assert rules["liver"]["tumor_min_voxels"] < 50
+    masks = torch.zeros((2, 16, 16, 8), dtype=torch.uint8)
+    masks[0, 2:14, 2:14, 1:7] = 1
+    masks[1, 4:7, 4:7, 2:5] = 1  # a 27-voxel tumor inside the liver: the published rule drops it
+    item = {"pred": masks.clone(), "task_id": torch.tensor([0])}
+    assert TaskPostProcessd(task_id_key="task_id")(dict(item, pred=masks.clone()))["pred"][1].sum() == 0
+    kept = RuleTaskPostProcessd(rules=rules, task_id_key="task_id")(item)["pred"]
+    assert int(kept[1].sum()) == 27 and int(kept[0].sum()) == 12 * 12 * 6
+    assert RuleTaskPostProcessd(rules=rules, tasks="spleen").rule(6) == TASKS[6].post  # unlisted: published
+    for config, node in (("evaluate.json", "task_postprocessing"), ("inference.json", "postprocessing_steps#")):
+        overrides = _post_rule_overrides(config, rules)
+        targets = [k for k, v in overrides.items() if v == "scripts.demo.RuleTaskPostProcessd"]
+        assert len(targets) == 1 and targets[0].startswith(node), overrides
+
+
+@pytest.mark.slow
+def test_tiny_demo_run_is_quiet_and_logs_to_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One epoch of a width-4 network on 21 MOTS-synth volumes, through all four steps."""
+    from scripts.demo import run_demo
+
+    result = run_demo(
+        output_dir=str(tmp_path / "demo"),
+        num_per_task=1,
+        num_val_per_task=1,
+        num_test_per_task=1,
+        epochs=1,
+        val_interval=1,
+        base_channels=4,
+        patch_size=[32, 32, 16],
+        threads=1,
+    )
+    out, err = capsys.readouterr()
+    log = (tmp_path / "demo" / "demo.log").read_text()
+    assert "Iter: 1/4" in log and "train_loss" in log  # StatsHandler's per-iteration lines: in the file only
+    assert "Iter:" not in out and "train_loss" not in out and " - INFO - " not in out
+    assert "epoch 1/1: validation Dice" in out
+    assert "organ Dice averaged over the 5 tasks" in out and "tumor Dice averaged over the 6 tumor classes" in out
+    assert "held-out inference (liver_test_000.nii.gz" in out and "FAILED" not in out
+    for step in ("generate", "train", "evaluate"):
+        assert f"{step}:" in err  # one progress bar per step
+    assert "Epoch [1/1]" not in err  # Ignite's per-epoch bar is replaced by the demo's
+    assert result["settings"]["epochs"] == 1 and result["settings"]["base_channels"] == 4
+    assert set(result["times_s"]) == {"generate", "train", "evaluate", "infer", "total"}
+    assert result["log"] == "demo.log" and 0.0 <= result["tumor_mean_dice"] <= 1.0
+    assert result["held_out"]["dice"].keys() == {"liver", "liver tumor"}

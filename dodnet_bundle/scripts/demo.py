@@ -3,66 +3,343 @@
 ``bash dev.sh demo`` (console script ``dodnet-demo``) runs, through the bundle's own configs:
 
 1. ``scripts.data.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once);
-2. ``configs/train.json`` with overrides for a laptop CPU (DoDNet of width 8 with GroupNorm groups scaled
-   to the width, whole-volume patches of 64 x 64 x 32 voxels, Adam, about 1,850 iterations, no spatial
-   augmentation: left-right flips would swap the liver and spleen sides of the phantom; the published
-   augmentations stay in train.json);
-3. ``configs/train.json`` + ``configs/evaluate.json``: Dice per task and structure on the held-out
-   test split (``summary.json``, ``metrics.csv``);
-4. ``configs/inference.json``: all seven tasks on one held-out volume, written as a merged label map
-   and per-structure masks in the input's geometry, the masks scored against that volume's own-task label;
+2. ``configs/train.json`` + ``configs/demo.json``: a DoDNet of width 8 (GroupNorm groups scaled to the
+   width) trained on whole-volume patches of 64 x 64 x 32 voxels with Adam, without spatial augmentation
+   (left-right flips would swap the liver and spleen sides of the phantom; the published augmentations
+   stay in train.json);
+3. ``configs/train.json`` + ``configs/evaluate.json`` + ``configs/demo.json``: Dice per task and
+   structure on the held-out test split (``summary.json``, ``metrics.csv``);
+4. ``configs/inference.json`` with demo.json's network settings: all seven tasks on one held-out volume,
+   written as a merged label map and per-structure masks in the input's geometry, the masks scored
+   against that volume's own-task label;
 
-and prints the per-task Dice table with the time of each step. Everything goes to ``output_dir``.
+and prints the per-task Dice table with the time of each step. Evaluation and inference use demo.json's
+``post_rules`` (``RuleTaskPostProcessd``): the published 50-voxel minimum tumor size is meant for real CT
+and would remove most of MOTS-synth's small tumors. Everything goes to ``output_dir``; the console shows
+one progress bar per step and the validation lines, the full log is ``output_dir/demo.log``.
+
+The training step is the bundle run (from ``dodnet_bundle/``)::
+
+    python -m monai.bundle run --config_file "['configs/train.json','configs/demo.json']" \\
+        --synth_dir demo_output/data --ckpt_dir demo_output/models --output_dir demo_output/train_logs
+
+and the command line flags override demo.json's values, e.g. ``dodnet-demo --epochs 10 --threads 1``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from scripts.data.synth import ensure_mots_synth
-from scripts.tasks import TASKS, resolve_task
+from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
+from scripts.tasks import TASKS, PostRule, resolve_task
 from scripts.utils import BUNDLE_ROOT, write_json_atomic
 
-__all__ = ["DEMO_DEFAULTS", "run_demo", "format_table", "main"]
+__all__ = [
+    "DEMO_CONFIG",
+    "DEMO_DEFAULTS",
+    "FLAG_IDS",
+    "RuleTaskPostProcessd",
+    "demo_overrides",
+    "demo_settings",
+    "run_demo",
+    "format_table",
+    "organ_mean_dice",
+    "tumor_mean_dice",
+    "score_structure_masks",
+    "main",
+]
 
 logger = logging.getLogger("dodnet.demo")
 
-DEMO_DEFAULTS: Dict[str, Any] = {
-    "num_per_task": 12,
-    "num_val_per_task": 2,
-    "num_test_per_task": 4,
-    "epochs": 44,
-    "base_channels": 8,
-    "patch_size": (64, 64, 32),
-    "batch_size": 2,
-    "learning_rate": 3e-3,
-    "weight_std": True,
-    "preseg_channels": 16,
-    "head_width": 16,
-    "norm_groups": 4,
+DEMO_CONFIG: Path = BUNDLE_ROOT / "configs" / "demo.json"
+"""The demo's training recipe, merged on ``configs/train.json``."""
+
+FLAG_IDS: Dict[str, str] = {
+    "num_per_task": "synth_options#num_per_task",
+    "num_val_per_task": "synth_options#num_val_per_task",
+    "num_test_per_task": "synth_options#num_test_per_task",
+    "seed": "synth_options#seed",
+    "epochs": "epochs",
+    "val_interval": "val_interval",
+    "base_channels": "network_def#base_channels",
+    "patch_size": "patch_size",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "weight_std": "network_def#weight_std",
+    "preseg_channels": "network_def#preseg_channels",
+    "head_width": "network_def#head_width",
+    "norm_groups": "network_def#norm_groups",
 }
-"""Settings of the default demo: 44 epochs x 42 = 1,848 iterations of batch 2 on 84 training volumes,
-about 8 minutes on 2 CPU cores."""
+"""``dodnet-demo`` flag -> the config id of train.json + demo.json it overrides."""
+
+NETWORK_IDS = ("patch_size",) + tuple(i for i in FLAG_IDS.values() if i.startswith("network_def#"))
+"""The ids inference.json needs from demo.json to build the demo's network."""
 
 
-def _workflow(config_files: Sequence[str], workflow_type: Optional[str], overrides: Dict[str, Any]) -> Any:
-    """Build, run and finalize a ``monai.bundle.ConfigWorkflow`` of the bundle's configs."""
+def _demo_json() -> Dict[str, Any]:
+    return json.loads(DEMO_CONFIG.read_text())
+
+
+def _raw_value(config: Mapping[str, Any], config_id: str) -> Any:
+    """demo.json's literal value of ``config_id`` (a ``#``-key of its own or a path into a nested dict)."""
+    if config_id in config:
+        return config[config_id]
+    value: Any = config
+    for part in config_id.split("#"):
+        value = value[part]
+    return value
+
+
+DEMO_DEFAULTS: Dict[str, Any] = {flag: _raw_value(_demo_json(), cid) for flag, cid in FLAG_IDS.items()}
+"""The demo's settings as demo.json gives them, by ``dodnet-demo`` flag."""
+
+
+def demo_overrides(**flags: Any) -> Dict[str, Any]:
+    """Config overrides (id -> value) of the given ``dodnet-demo`` flags; None values are left out."""
+    unknown = sorted(set(flags) - set(FLAG_IDS))
+    if unknown:
+        raise TypeError(f"unknown demo settings {unknown}; known: {sorted(FLAG_IDS)}")
+    out: Dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag == "patch_size":
+            value = [int(p) for p in value]
+        elif flag == "learning_rate":
+            value = float(value)
+        elif flag == "weight_std":
+            value = bool(value)
+        else:
+            value = int(value)
+        out[FLAG_IDS[flag]] = value
+    return out
+
+
+def _parser(config_files: Sequence[str], overrides: Mapping[str, Any]) -> Any:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in config_files])
+    parser.update(dict(overrides))
+    return parser
+
+
+def demo_settings(overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The demo's settings (by flag name) from train.json + demo.json with ``overrides`` (config ids)."""
+    parser = _parser(["train.json", "demo.json"], overrides or {})
+    settings = {flag: parser.get_parsed_content(cid) for flag, cid in FLAG_IDS.items()}
+    settings["patch_size"] = [int(p) for p in settings["patch_size"]]
+    settings["steps_per_epoch"] = int(np.ceil(len(TASKS) * settings["num_per_task"] / settings["batch_size"]))
+    settings["optimizer"] = parser.get("optimizer#_target_")
+    settings["augmentations"] = len(parser.get("train#augmentations"))
+    settings["post_rules"] = parser.get("post_rules", {})
+    return settings
+
+
+class RuleTaskPostProcessd:
+    """``scripts.inference.TaskPostProcessd`` with some fields of the tasks' ``PostRule`` replaced.
+
+    Args:
+        rules: ``{task name: {PostRule field: value}}`` (e.g. ``{"liver": {"tumor_min_voxels": 5}}``);
+            tasks not listed keep their published rule (``scripts/tasks.py``).
+        kwargs: ``TaskPostProcessd``'s arguments (``keys``, ``tasks``, ``enabled``, ``task_id_key`` ...).
+    """
+
+    def __init__(self, rules: Optional[Mapping[str, Mapping[str, Any]]] = None, **kwargs: Any) -> None:
+        from scripts.inference import TaskPostProcessd
+
+        self.base = TaskPostProcessd(**kwargs)
+        self.rules: Dict[int, PostRule] = {}
+        for name, fields in (rules or {}).items():
+            spec = resolve_task(name)
+            self.rules[spec.id] = dataclasses.replace(spec.post, **dict(fields))
+
+    def rule(self, task_id: int) -> PostRule:
+        """The rule applied to the masks of task ``task_id``."""
+        return self.rules.get(int(task_id), resolve_task(int(task_id)).post)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        import torch
+
+        from scripts.inference import apply_post_rule
+
+        d = dict(data)
+        base = self.base
+        if not base.enabled:
+            return d
+        tasks = base.tasks
+        if base.task_id_key is not None:
+            tasks = (resolve_task(int(torch.as_tensor(d[base.task_id_key]).reshape(-1)[0])),)
+        for key in base.key_iterator(d):
+            masks = d[key]
+            if masks.shape[0] != 2 * len(tasks):
+                raise ValueError(f"{key}: {masks.shape[0]} channels for {len(tasks)} tasks (expected 2 per task)")
+            for k, spec in enumerate(tasks):
+                organ, tumor = apply_post_rule(
+                    masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], self.rule(spec.id), base.connectivity
+                )
+                masks[2 * k : 2 * k + 1] = organ
+                masks[2 * k + 1 : 2 * k + 2] = tumor
+            d[key] = masks
+        return d
+
+
+def _post_rule_overrides(config_file: str, rules: Mapping[str, Any]) -> Dict[str, Any]:
+    """Overrides that make ``config_file``'s ``TaskPostProcessd`` components apply ``rules``."""
+    config = json.loads((BUNDLE_ROOT / "configs" / config_file).read_text())
+    out: Dict[str, Any] = {}
+
+    def visit(node: Any, path: List[str]) -> None:
+        if isinstance(node, dict):
+            if node.get("_target_") == "scripts.inference.TaskPostProcessd":
+                out["#".join(path + ["_target_"])] = "scripts.demo.RuleTaskPostProcessd"
+                out["#".join(path + ["rules"])] = dict(rules)
+            for k, v in node.items():
+                visit(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, path + [str(i)])
+
+    visit(config, [])
+    if not out:
+        raise RuntimeError(f"configs/{config_file} has no scripts.inference.TaskPostProcessd to apply post_rules to")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# console: logs to a file, one progress bar per step
+# ----------------------------------------------------------------------------------------------
+
+
+_SELF_PRINTING_LOGGERS = ("monai.handlers.StatsHandler",)
+"""Loggers MONAI creates with their own stdout handler (``monai.apps.get_logger``) when first used."""
+
+
+@contextmanager
+def _log_to_file(path: Path) -> Iterator[None]:
+    """Send every log record (root and the MONAI loggers that print themselves) and warnings to ``path``."""
+    import ignite.engine  # noqa: F401 - their loggers exist before they are redirected
+    import monai.bundle  # noqa: F401
+
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level)
+    root.handlers, root.level = [handler], logging.INFO
+    for name in _SELF_PRINTING_LOGGERS:  # created now, MONAI's get_logger adds no stdout handler later
+        logging.getLogger(name)
+    saved: List[tuple] = []
+    for obj in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(obj, logging.Logger) and (obj.handlers or obj.name in _SELF_PRINTING_LOGGERS):
+            saved.append((obj, obj.handlers[:], obj.propagate))
+            obj.handlers, obj.propagate = [handler], False  # get_logger resets propagate: own handler
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for obj, handlers, propagate in saved:
+            obj.handlers, obj.propagate = handlers, propagate
+        root.handlers, root.level = saved_root
+        handler.close()
+
+
+def _bar(total: int, desc: str, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, file=sys.stderr)
+
+
+def _last_loss(output: Any) -> Optional[float]:
+    item = output[0] if isinstance(output, (list, tuple)) and output else output
+    if isinstance(item, Mapping) and "loss" in item:
+        return float(item["loss"])
+    return None
+
+
+def _attach_train_progress(workflow: Any, settings: Mapping[str, Any]) -> Callable[[], None]:
+    """One bar over all training iterations (loss, ETA) and a line per validation; returns its closer."""
+    from ignite.engine import Events
+
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    bar = _bar(int(settings["epochs"]) * int(settings["steps_per_epoch"]), "train", "it")
+
+    def started(engine: Any) -> None:
+        bar.reset(total=int(engine.state.max_epochs) * int(engine.state.epoch_length))
+        bar.update(int(engine.state.iteration))
+
+    def iteration(engine: Any) -> None:
+        bar.update(1)
+        loss = _last_loss(engine.state.output)
+        if loss is not None:
+            bar.set_postfix(epoch=f"{engine.state.epoch}/{engine.state.max_epochs}", loss=f"{loss:.3f}")
+
+    def validated(engine: Any) -> None:
+        metrics = engine.state.metrics
+        organ = [metrics.get(f"val_dice_{s.organ_name.replace(' ', '_')}") for s in TASKS if s.labels_organ]
+        tumor = [metrics.get(f"val_dice_{s.tumor_name.replace(' ', '_')}") for s in TASKS if s.labels_tumor]
+        organ = [v for v in organ if v is not None]
+        tumor = [v for v in tumor if v is not None]
+        mean = float(metrics.get("val_mean_dice", float("nan")))
+        parts = [f"epoch {trainer.state.epoch}/{trainer.state.max_epochs}: validation Dice {mean:.3f}"]
+        if organ:
+            parts.append(f"organs {np.mean(organ):.3f}")
+        if tumor:
+            parts.append(f"tumors {np.mean(tumor):.3f}")
+        best = getattr(engine.state, "best_metric", None)
+        if best is not None and best > -1:
+            parts.append(f"best {best:.3f} (epoch {engine.state.best_metric_epoch})")
+        bar.write(", ".join(parts), file=sys.stdout)
+
+    trainer.add_event_handler(Events.STARTED, started)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration)
+    evaluator.add_event_handler(Events.COMPLETED, validated)
+    return bar.close
+
+
+def _attach_eval_progress(workflow: Any) -> Callable[[], None]:
+    """One bar over the evaluated test cases; returns its closer."""
+    from ignite.engine import Events
+
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    bar = _bar(len(evaluator.data_loader), "evaluate", "case")
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: bar.update(1))
+    return bar.close
+
+
+def _workflow(
+    config_files: Sequence[str],
+    workflow_type: Optional[str],
+    overrides: Dict[str, Any],
+    progress: Optional[Callable[[Any], Callable[[], None]]] = None,
+) -> Any:
+    """Build, run and finalize a ``monai.bundle.ConfigWorkflow`` of the bundle's configs.
+
+    ``progress(workflow)`` attaches the step's console output after initialization and returns its closer.
+    """
     from monai.bundle import ConfigWorkflow
 
     configs = BUNDLE_ROOT / "configs"
     workflow = ConfigWorkflow(
         config_file=[str(configs / f) for f in config_files],
         meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"),
+        logging_file=False,  # run_demo has routed the logs to demo.log
         workflow_type=workflow_type,
         **overrides,
     )
@@ -71,39 +348,52 @@ def _workflow(config_files: Sequence[str], workflow_type: Optional[str], overrid
         missing = workflow.check_properties()
         if missing:
             raise RuntimeError(f"{config_files}: missing workflow properties {missing}")
-    workflow.run()
+    close = progress(workflow) if progress is not None else None
+    try:
+        workflow.run()
+    finally:
+        if close is not None:
+            close()
     workflow.finalize()
     return workflow
 
 
-def _network_overrides(
-    base_channels: int,
-    patch_size: Sequence[int],
-    weight_std: bool,
-    preseg_channels: int,
-    head_width: int,
-    norm_groups: int = 16,
-) -> Dict[str, Any]:
-    return {
-        "bundle_root": str(BUNDLE_ROOT),
-        "network_def#base_channels": int(base_channels),
-        "network_def#weight_std": bool(weight_std),
-        "network_def#preseg_channels": int(preseg_channels),
-        "network_def#head_width": int(head_width),
-        "network_def#norm_groups": int(norm_groups),
-        "patch_size": [int(p) for p in patch_size],
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-    }
+def _generate(cache_dir: Path, synth_options: Mapping[str, Any]) -> Path:
+    """``ensure_mots_synth`` with a progress bar over the volumes written (a reused data set is instant)."""
+    counts = [int(synth_options.get(k, 0)) for k in ("num_per_task", "num_val_per_task", "num_test_per_task")]
+    folder = f"mots_synth_v{SYNTH_VERSION}_seed{int(synth_options.get('seed', 0))}_{'-'.join(map(str, counts))}"
+    labels = Path(cache_dir) / folder / "labels"
+    total = len(TASKS) * sum(counts)
+    result: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["datalist"] = ensure_mots_synth(cache_dir, **dict(synth_options))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="mots-synth", daemon=True)
+    bar = _bar(total, "generate", "vol")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        done = len(list(labels.glob("*.nii.gz"))) if labels.is_dir() else 0
+        bar.update(max(0, min(done, total) - bar.n))
+    bar.update(total - bar.n)
+    bar.close()
+    if "error" in result:
+        raise result["error"]
+    return Path(result["datalist"])
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray) -> Optional[float]:
-    total = int(pred.sum()) + int(ref.sum())
-    return None if total == 0 else 2.0 * float(np.logical_and(pred, ref).sum()) / total
+# ----------------------------------------------------------------------------------------------
+# scores and table
+# ----------------------------------------------------------------------------------------------
 
 
 def score_structure_masks(output_dir: Path, case: str, label_path: Path, task: str) -> Dict[str, Optional[float]]:
     """Dice of the inference's per-structure masks (``<case>_<structure>_mask.nii.gz``, written with
-    ``save_masks``) against the case's own-task source label.
+    ``save_masks``) against the case's own-task source label, with ``scripts.evaluation.metrics``.
 
     The per-structure masks keep overlaps the merged label map resolves by precedence (hepatic vessels
     painted over the liver, which LiTS counts as liver), so each structure is scored as its source
@@ -117,9 +407,12 @@ def score_structure_masks(output_dir: Path, case: str, label_path: Path, task: s
     import torch
 
     from scripts.data.label_mapping import apply_rule
+    from scripts.evaluation.metrics import spacing_from_affine, structure_metrics
 
     spec = resolve_task(task)
-    label = np.asarray(nib.load(str(label_path)).dataobj)
+    label_image = nib.load(str(label_path))
+    label = np.asarray(label_image.dataobj)
+    spacing = spacing_from_affine(label_image.affine)
     scores: Dict[str, Optional[float]] = {}
     for name, channel, _, _ in spec.structures():
         rule = spec.organ_rule if channel == 0 else spec.tumor_rule
@@ -131,15 +424,34 @@ def score_structure_masks(output_dir: Path, case: str, label_path: Path, task: s
         pred = np.asarray(nib.load(str(mask_path)).dataobj) > 0
         if pred.shape != label.shape:
             raise ValueError(f"{mask_path}: shape {pred.shape} differs from the label {label_path} {label.shape}")
-        scores[name] = _dice(pred, apply_rule(rule, torch.as_tensor(label)).numpy() > 0)
+        ref = apply_rule(rule, torch.as_tensor(label)).numpy() > 0
+        metrics = structure_metrics(pred, ref, spacing)
+        scores[name] = None if metrics["status"] == "both_empty" else float(metrics["dice"])
     return scores
 
 
+def _structure_mean(summary: Mapping[str, Any], names: Sequence[str]) -> float:
+    structures = summary.get("structures", {})
+    values = [structures[n]["dice_mean"] for n in names if structures.get(n, {}).get("dice_mean") is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def organ_mean_dice(summary: Mapping[str, Any]) -> float:
+    """Organ Dice averaged over the tasks whose source labels the organ (liver, kidney, hepatic vessel,
+    pancreas, spleen)."""
+    return _structure_mean(summary, [s.organ_name for s in TASKS if s.labels_organ])
+
+
+def tumor_mean_dice(summary: Mapping[str, Any]) -> float:
+    """Tumor Dice averaged over the six tumor classes (liver, kidney, hepatic vessel, pancreas, colon, lung)."""
+    return _structure_mean(summary, [s.tumor_name for s in TASKS if s.labels_tumor])
+
+
 def format_table(summary: Dict[str, Any], held_out: Optional[Dict[str, Any]] = None) -> str:
-    """The per-task Dice table (mean over the test cases) and the organ mean the demo is judged by."""
+    """The per-task Dice table (mean over the test cases) with the organ and tumor means the demo is judged by."""
     structures = summary.get("structures", {})
     lines = [f"{'task':<16}{'organ Dice':>12}{'tumor Dice':>12}{'cases':>7}"]
-    organ_means: List[float] = []
+    organs, tumors = 0, 0
     for spec in TASKS:
         cells, cases = [], 0
         for labeled, name in ((spec.labels_organ, spec.organ_name), (spec.labels_tumor, spec.tumor_name)):
@@ -147,12 +459,12 @@ def format_table(summary: Dict[str, Any], held_out: Optional[Dict[str, Any]] = N
             value = None if entry is None else entry.get("dice_mean")
             cases = max(cases, 0 if entry is None else int(entry.get("cases", 0)))
             cells.append("unlabeled" if not labeled else ("n/a" if value is None else f"{value:.3f}"))
-            if labeled and name == spec.organ_name and value is not None:
-                organ_means.append(float(value))
+            if labeled and value is not None:
+                organs, tumors = (organs + 1, tumors) if name == spec.organ_name else (organs, tumors + 1)
         lines.append(f"{spec.display:<16}{cells[0]:>12}{cells[1]:>12}{cases:>7}")
-    organ = float(np.mean(organ_means)) if organ_means else float("nan")
+    lines.append(f"organ Dice averaged over the {organs} tasks with organ labels: {organ_mean_dice(summary):.3f}")
+    lines.append(f"tumor Dice averaged over the {tumors} tumor classes: {tumor_mean_dice(summary):.3f}")
     t6 = summary.get("table6_average", {}).get("dice")
-    lines.append(f"organ Dice averaged over the {len(organ_means)} tasks with organ labels: {organ:.3f}")
     if t6 is not None:
         classes = summary["table6_average"].get("dice_classes")
         lines.append(f"mean Dice over the {classes} organ/tumor classes (Table 6 style): {t6:.3f}")
@@ -164,46 +476,54 @@ def format_table(summary: Dict[str, Any], held_out: Optional[Dict[str, Any]] = N
     return "\n".join(lines)
 
 
-def organ_mean_dice(summary: Dict[str, Any]) -> float:
-    """Organ Dice averaged over the tasks whose source labels the organ (liver, kidney, hepatic vessel,
-    pancreas, spleen)."""
-    values = [
-        summary["structures"][s.organ_name]["dice_mean"]
-        for s in TASKS
-        if s.labels_organ and summary.get("structures", {}).get(s.organ_name, {}).get("dice_mean") is not None
-    ]
-    return float(np.mean(values)) if values else float("nan")
+# ----------------------------------------------------------------------------------------------
+# the demo
+# ----------------------------------------------------------------------------------------------
+
+
+_QUIET_TRAIN = {
+    "train#trainer#train_handlers": (
+        "$[h for h in @train#handlers if h is not None and not isinstance(h, ignite.handlers.ProgressBar)]"
+    ),
+}
+_QUIET_EVAL = {
+    "validate#evaluator#val_handlers": (
+        "$[h for h in @validate#handlers if h is not None and not isinstance(h, ignite.handlers.ProgressBar)]"
+    ),
+}
+"""The demo's own console: its bars replace Ignite's (the configs keep theirs for other users)."""
 
 
 def run_demo(
     output_dir: str = "demo_output",
-    num_per_task: int = DEMO_DEFAULTS["num_per_task"],
-    num_val_per_task: int = DEMO_DEFAULTS["num_val_per_task"],
-    num_test_per_task: int = DEMO_DEFAULTS["num_test_per_task"],
-    epochs: int = DEMO_DEFAULTS["epochs"],
-    base_channels: int = DEMO_DEFAULTS["base_channels"],
-    patch_size: Sequence[int] = DEMO_DEFAULTS["patch_size"],
-    batch_size: int = DEMO_DEFAULTS["batch_size"],
-    learning_rate: float = DEMO_DEFAULTS["learning_rate"],
-    weight_std: bool = DEMO_DEFAULTS["weight_std"],
-    preseg_channels: int = DEMO_DEFAULTS["preseg_channels"],
-    head_width: int = DEMO_DEFAULTS["head_width"],
-    norm_groups: int = DEMO_DEFAULTS["norm_groups"],
+    num_per_task: Optional[int] = None,
+    num_val_per_task: Optional[int] = None,
+    num_test_per_task: Optional[int] = None,
+    epochs: Optional[int] = None,
+    base_channels: Optional[int] = None,
+    patch_size: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    weight_std: Optional[bool] = None,
+    preseg_channels: Optional[int] = None,
+    head_width: Optional[int] = None,
+    norm_groups: Optional[int] = None,
     threads: Optional[int] = None,
-    seed: int = 0,
+    seed: Optional[int] = None,
     val_interval: Optional[int] = None,
     fresh: bool = True,
     infer: bool = True,
 ) -> Dict[str, Any]:
     """Run the whole demo and return its results (also written to ``output_dir/demo_result.json``).
 
+    Settings left None take ``configs/demo.json``'s values (``DEMO_DEFAULTS``); given ones override them.
+
     Args:
-        output_dir: working folder (data cache, checkpoints, evaluation, inference output).
-        num_per_task: MOTS-synth training volumes per task.
-        num_val_per_task: validation volumes per task (they pick the best checkpoint).
-        num_test_per_task: held-out test volumes per task (the Dice table).
+        output_dir: working folder (data cache, checkpoints, evaluation, inference output, ``demo.log``).
+        num_per_task, num_val_per_task, num_test_per_task: MOTS-synth training, validation (they pick
+            the best checkpoint) and held-out test (the Dice table) volumes per task.
         epochs: training epochs (one pass over the 7 * num_per_task volumes each).
-        base_channels: DoDNet width (32 in the paper; 8 here).
+        base_channels: DoDNet width (32 in the paper).
         patch_size: training patch (whole volume) and sliding-window size, divisible by 16.
         batch_size: training batch size.
         learning_rate: Adam learning rate (poly decay over ``epochs``, as train.json).
@@ -214,14 +534,31 @@ def run_demo(
             level); 4 keeps that ratio at width 8 instead of normalizing every channel on its own.
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
-        val_interval: validate every N epochs (default: 4 times per run).
+        val_interval: validate every N epochs.
         fresh: start training from scratch (delete ``output_dir/models``); False resumes a killed run.
         infer: run configs/inference.json on one held-out volume.
 
     Returns:
-        ``{"times_s", "summary", "organ_mean_dice", "held_out", "datalist", "settings", "load_average"}``
-        (``datalist``: the MOTS-synth datalist used, relative to ``output_dir``).
+        ``{"times_s", "summary", "organ_mean_dice", "tumor_mean_dice", "held_out", "datalist", "settings",
+        "load_average", "log"}`` (``datalist``: the MOTS-synth datalist used, relative to ``output_dir``).
     """
+    flags = dict(
+        num_per_task=num_per_task,
+        num_val_per_task=num_val_per_task,
+        num_test_per_task=num_test_per_task,
+        seed=seed,
+        epochs=epochs,
+        val_interval=val_interval,
+        base_channels=base_channels,
+        patch_size=patch_size,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_std=weight_std,
+        preseg_channels=preseg_channels,
+        head_width=head_width,
+        norm_groups=norm_groups,
+    )
+    overrides = demo_overrides(**flags)
     if threads:
         import torch
 
@@ -232,80 +569,82 @@ def run_demo(
     if fresh:
         for folder in (ckpt_dir, eval_dir, infer_dir):
             shutil.rmtree(folder, ignore_errors=True)
+    log_path = out / "demo.log"
+    with _log_to_file(log_path):
+        result = _run(out, overrides, threads, fresh, infer)
+    result["log"] = log_path.name
+    write_json_atomic(result, out / "demo_result.json")
+    print("\n" + format_table(result["summary"], result["held_out"]))
+    times = result["times_s"]
+    print(
+        "time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+        + f"  ({os.cpu_count()} CPU cores, load average at start {result['load_average']['start']}); "
+        + f"full log: {log_path}",
+        flush=True,
+    )
+    return result
+
+
+def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bool, infer: bool) -> Dict[str, Any]:
+    settings = demo_settings(overrides)
+    logger.info("demo settings: %s", settings)
+    ckpt_dir, eval_dir, infer_dir = out / "models", out / "eval", out / "inference"
     times: Dict[str, float] = {}
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     start = time.time()
-
+    synth_options = {k.split("#", 1)[1]: settings[f] for f, k in FLAG_IDS.items() if k.startswith("synth_options#")}
     print(
-        f"[1/4] MOTS-synth: {num_per_task} training, {num_val_per_task} validation and {num_test_per_task} test "
-        "volumes per task ...",
+        f"[1/4] MOTS-synth: {settings['num_per_task']} training, {settings['num_val_per_task']} validation and "
+        f"{settings['num_test_per_task']} test volumes per task",
         flush=True,
     )
-    datalist = ensure_mots_synth(
-        out / "data",
-        num_per_task=num_per_task,
-        seed=seed,
-        num_val_per_task=num_val_per_task,
-        num_test_per_task=num_test_per_task,
-    )
+    datalist = _generate(out / "data", synth_options)
     times["generate"] = time.time() - start
 
-    steps_per_epoch = int(np.ceil(7 * num_per_task / batch_size))
     print(
-        f"[2/4] training DoDNet (width {base_channels}) for {epochs} epochs x {steps_per_epoch} iterations "
-        "with configs/train.json ...",
+        f"[2/4] training DoDNet (width {settings['base_channels']}) for {settings['epochs']} epochs x "
+        f"{settings['steps_per_epoch']} iterations with configs/train.json + configs/demo.json",
         flush=True,
     )
     t0 = time.time()
-    common = {
-        **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width, norm_groups),
-        "datalist": str(datalist),
-        "dataset_dir": "",
-    }
-    train_overrides = {
-        **common,
-        "ckpt_dir": str(ckpt_dir),
-        "output_dir": str(out / "train_logs"),
-        "epochs": int(epochs),
-        "val_interval": int(val_interval or max(1, epochs // 4)),
-        "batch_size": int(batch_size),
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "learning_rate": float(learning_rate),
-        "amp": True,
-        "resume": not fresh,
-        "train#augmentations": [],
-        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate"},
-    }
-    _workflow(["train.json"], "train", train_overrides)
+    common = {**overrides, "bundle_root": str(BUNDLE_ROOT), "synth_dir": str(out / "data"), "ckpt_dir": str(ckpt_dir)}
+    train_overrides = {**common, **_QUIET_TRAIN, "output_dir": str(out / "train_logs"), "resume": not fresh}
+    _workflow(
+        ["train.json", "demo.json"],
+        "train",
+        train_overrides,
+        lambda wf: _attach_train_progress(wf, settings),
+    )
     times["train"] = time.time() - t0
 
-    print("[3/4] evaluating on the held-out test split with configs/evaluate.json ...", flush=True)
+    print("[3/4] evaluating the test split with configs/train.json + evaluate.json + demo.json", flush=True)
     t0 = time.time()
     eval_overrides = {
         **common,
-        "ckpt_dir": str(ckpt_dir),
+        **_QUIET_EVAL,
+        **_post_rule_overrides("evaluate.json", settings["post_rules"]),
         "output_dir": str(eval_dir),
-        "num_workers": 0,
-        "amp": True,
     }
-    _workflow(["train.json", "evaluate.json"], None, eval_overrides)
+    _workflow(["train.json", "evaluate.json", "demo.json"], None, eval_overrides, _attach_eval_progress)
     summary = json.loads((eval_dir / "summary.json").read_text())
     times["evaluate"] = time.time() - t0
 
     held_out: Optional[Dict[str, Any]] = None
     if infer:
-        test_items = json.loads(Path(datalist).read_text())["test"]
-        item = test_items[0]
+        item = json.loads(Path(datalist).read_text())["test"][0]
         image = Path(datalist).parent / item["image"]
-        print(f"[4/4] inference with configs/inference.json on held-out {image.name} (all tasks) ...", flush=True)
+        print(f"[4/4] inference with configs/inference.json on held-out {image.name} (all tasks)", flush=True)
         t0 = time.time()
+        train_parser = _parser(["train.json", "demo.json"], overrides)
         infer_overrides = {
-            **_network_overrides(base_channels, patch_size, weight_std, preseg_channels, head_width, norm_groups),
+            **{cid: train_parser.get_parsed_content(cid) for cid in NETWORK_IDS},
+            **_post_rule_overrides("inference.json", settings["post_rules"]),
+            "bundle_root": str(BUNDLE_ROOT),
             "input": str(image),
             "output_dir": str(infer_dir),
             "ckpt_path": str(ckpt_dir / "model.pt"),
-            "progress": False,
+            "progress": True,
             "save_masks": True,
         }
         held_out = {"case": image.name, "task": item["task"]}
@@ -324,44 +663,24 @@ def run_demo(
             logger.error("inference on the held-out case failed: %s", held_out["error"])
         times["infer"] = time.time() - t0
     times["total"] = time.time() - start
-    result = {
+    return {
         "times_s": {k: round(v, 1) for k, v in times.items()},
         "organ_mean_dice": organ_mean_dice(summary),
+        "tumor_mean_dice": tumor_mean_dice(summary),
         "summary": summary,
         "held_out": held_out,
         "datalist": Path(datalist).resolve().relative_to(out.resolve()).as_posix(),
-        "settings": {
-            "num_per_task": num_per_task,
-            "num_val_per_task": num_val_per_task,
-            "num_test_per_task": num_test_per_task,
-            "epochs": epochs,
-            "base_channels": base_channels,
-            "patch_size": list(patch_size),
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "weight_std": weight_std,
-            "preseg_channels": preseg_channels,
-            "head_width": head_width,
-            "norm_groups": norm_groups,
-            "threads": threads,
-            "seed": seed,
-        },
+        "settings": {**settings, "threads": threads},
         "cpu_count": os.cpu_count(),
         "load_average": {"start": load_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
-    write_json_atomic(result, out / "demo_result.json")
-    print("\n" + format_table(summary, held_out))
-    print(
-        "time: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-        + f"  ({os.cpu_count()} CPU cores, load average at start {load_start})"
-    )
-    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``dodnet-demo`` (fire flags: ``--output_dir``, ``--epochs``, ``--num_per_task`` ...)."""
     import fire
+
+    warnings.filterwarnings("ignore", message="builtin type swig", category=DeprecationWarning)  # SWIG at exit
 
     def demo(**kwargs: Any) -> None:
         run_demo(**kwargs)
