@@ -28,6 +28,9 @@ __all__ = [
     "merged_structures",
     "MERGE_PRECEDENCE",
     "merge_precedence",
+    "StructureCodes",
+    "STRUCTURE_CODES",
+    "structure_codes",
 ]
 
 
@@ -241,3 +244,46 @@ def merge_precedence() -> Tuple[int, ...]:
     if sorted(MERGE_PRECEDENCE) != sorted(by_name):
         raise RuntimeError(f"MERGE_PRECEDENCE {MERGE_PRECEDENCE} does not list the structures {sorted(by_name)}")
     return tuple(by_name[name] for name in MERGE_PRECEDENCE)
+
+
+@dataclass(frozen=True)
+class StructureCodes:
+    """SNOMED CT codes of one structure (scheme designator "SCT"), as ``(code value, code meaning)`` pairs.
+
+    category: the segmented property category (CID 7150); type: the segmented property type (CID 7151);
+    region: the anatomic region a tumor or vessel lies in (None for an organ).
+    """
+
+    category: Tuple[str, str]
+    type: Tuple[str, str]
+    region: Optional[Tuple[str, str]] = None
+
+
+_ANATOMICAL = ("91723000", "Anatomical Structure")
+_ABNORMAL = ("49755003", "Morphologically Abnormal Structure")
+_NEOPLASM = ("108369006", "Neoplasm")
+_LIVER, _KIDNEY, _PANCREAS = ("10200004", "Liver"), ("64033007", "Kidney"), ("15776009", "Pancreas")
+_COLON, _LUNG, _SPLEEN = ("71854001", "Colon"), ("39607008", "Lung"), ("78961009", "Spleen")
+
+# The segment descriptions of DICOM SEG outputs: organs are anatomical structures, tumors neoplasms in their organ
+# (the MSD hepatic vessel tumors are liver tumors), hepatic vessels blood vessels of the liver.
+STRUCTURE_CODES: Dict[str, StructureCodes] = {
+    "liver": StructureCodes(_ANATOMICAL, _LIVER),
+    "liver tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _LIVER),
+    "kidney": StructureCodes(_ANATOMICAL, _KIDNEY),
+    "kidney tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _KIDNEY),
+    "hepatic vessel": StructureCodes(_ANATOMICAL, ("59820001", "Blood Vessel"), _LIVER),
+    "hepatic vessel tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _LIVER),
+    "pancreas": StructureCodes(_ANATOMICAL, _PANCREAS),
+    "pancreas tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _PANCREAS),
+    "colon tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _COLON),
+    "lung tumor": StructureCodes(_ABNORMAL, _NEOPLASM, _LUNG),
+    "spleen": StructureCodes(_ANATOMICAL, _SPLEEN),
+}
+
+
+def structure_codes(name: str) -> StructureCodes:
+    """The SNOMED CT codes of a structure of the merged label map (``"liver tumor"``...)."""
+    if name not in STRUCTURE_CODES:
+        raise KeyError(f"no SNOMED CT codes for structure {name!r}; known: {', '.join(STRUCTURE_CODES)}")
+    return STRUCTURE_CODES[name]

@@ -2,7 +2,7 @@
 
     dodnet-segment INPUT OUTPUT_DIR [--tasks liver,kidney] [--tta] [--device cuda] [--preview]
                    [--precision bf16] [--compile_head] [--ckpt models/model.pt] [--save_masks]
-                   [--save_probabilities] [--no_postprocess]
+                   [--save_probabilities] [--no_postprocess] [--output_type nifti|dicom_seg|both]
 
 INPUT is a NIfTI/NRRD file, a DICOM series folder, a folder of those, or several of them separated
 by commas. The command only turns its options into overrides of ``configs/inference.json`` and runs
@@ -44,6 +44,7 @@ def segment(
     save_masks: bool = False,
     save_probabilities: bool = False,
     no_postprocess: bool = False,
+    output_type: str = "nifti",
     sw_batch_size: Optional[int] = None,
     progress: bool = True,
     config_file: Optional[str] = None,
@@ -65,6 +66,8 @@ def segment(
         ckpt: weights file (default: the bundle's ``models/model.pt``).
         save_masks / save_probabilities: per-structure outputs.
         no_postprocess: skip the published per-task post-processing.
+        output_type: "nifti" (``<case>_seg.nii.gz``), "dicom_seg" (``<case>_seg.dcm``, DICOM series inputs only)
+            or "both".
         sw_batch_size: windows per network call.
         progress: progress bar over cases.
         config_file: another inference config (default: the bundle's ``configs/inference.json``).
@@ -90,6 +93,7 @@ def segment(
         "preview": bool(preview),
         "save_masks": bool(save_masks),
         "save_probabilities": bool(save_probabilities),
+        "output_type": str(output_type),
         "progress": bool(progress),
         "fail_on_error": False,
     }
@@ -120,11 +124,15 @@ def segment(
 
 
 def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
-    ok, bad = summary["succeeded"], summary["failed"]
-    print(f"\ndodnet-segment: {len(ok)} case(s) segmented, {len(bad)} failed; outputs in {output_dir}")
+    ok, bad, skipped = summary["succeeded"], summary["failed"], summary.get("skipped", [])
+    done = f", {len(skipped)} finished earlier (skipped)" if skipped else ""
+    print(f"\ndodnet-segment: {len(ok)} case(s) segmented{done}, {len(bad)} failed; outputs in {output_dir}")
     for case in ok:
         extra = f" (warning: {'; '.join(case['warnings'])})" if case.get("warnings") else ""
-        print(f"  ok      {case['case']}: {case['outputs']['label_map']}{extra}")
+        main = case["outputs"].get("label_map") or case["outputs"].get("dicom_seg") or case["outputs"]["report"]
+        print(f"  ok      {case['case']}: {main}{extra}")
+    for case in skipped:
+        print(f"  skipped {case['case']}: finished earlier with the same options")
     for case in bad:
         print(f"  FAILED  {case['case']}: {case['error']}")
 

@@ -4,8 +4,15 @@
 then for each case: cheap input checks -> preprocessing (``dataset[i]``) -> task-aware sliding-window
 inference -> postprocessing (threshold, published rules, merge, inversion to the input geometry) ->
 ``SegmentationWriter``. A failing case is recorded with a message naming its file and the run goes
-on; ``summary.json`` lists successes and failures; with ``fail_on_error`` the run raises at the end
-if any case failed (nonzero exit of ``monai.bundle run``).
+on; ``summary.json`` lists successes, failures and skipped cases; with ``fail_on_error`` the run raises
+at the end if any case failed (nonzero exit of ``monai.bundle run``).
+
+Resuming: with ``skip_existing`` a case whose report (written last, the commit marker) matches the current
+options and whose listed outputs all exist is skipped; temporary files of dead processes are removed first.
+
+Several processes (``torchrun``, ``configs/mgpu_inference.json``): each rank runs its own shard of the cases
+(the dataset is built from ``monai.data.partition_dataset``), the ranks' results are gathered with
+``torch.distributed.all_gather_object`` and rank 0 writes the one ``summary.json`` after all ranks finished.
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from scripts.data.cases import BadInputError, NonCTIntensityWarning, check_input
-from scripts.inference.writers import SegmentationWriter
+from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
+from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
 from scripts.utils import as_bool, root_cause, write_json_atomic
 
-__all__ = ["SegmentationRunner", "CasesFailedError", "describe_error"]
+__all__ = ["SegmentationRunner", "CasesFailedError", "describe_error", "is_cohort_input", "merge_summaries"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,32 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def is_cohort_input(input: Any) -> bool:
+    """True when ``input`` (or an item of a list) is a folder of cases: it holds image files or subfolders,
+    unlike a DICOM series folder (where ``skip_existing="auto"`` resumes)."""
+    items = [input] if isinstance(input, (str, os.PathLike)) else list(input or [])
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and any(c.is_dir() or c.name.lower().endswith(IMAGE_SUFFIXES) for c in p.iterdir()):
+            return True
+    return False
+
+
+def merge_summaries(parts: List[Dict[str, List[Dict[str, Any]]]]) -> Dict[str, List[Dict[str, Any]]]:
+    """Merge the ranks' ``succeeded`` / ``failed`` / ``skipped`` lists, each sorted by case name."""
+    return {
+        key: sorted((entry for part in parts for entry in part.get(key, [])), key=lambda e: e["case"])
+        for key in ("succeeded", "failed", "skipped")
+    }
+
+
+def _distributed() -> Any:
+    """``torch.distributed`` when a process group is running, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 class SegmentationRunner:
     """Run inference over a dataset of cases and write each case's outputs.
 
@@ -57,7 +90,11 @@ class SegmentationRunner:
         output_dir: where ``summary.json`` goes (default: the writer's folder).
         progress: progress bar over cases.
         fail_on_error: raise ``CasesFailedError`` at the end if any case failed.
-        options: entries copied into every report (tasks, tta, post-processing switch...).
+        options: entries copied into every report (tasks, tta, post-processing switch...); with the weights
+            file's size and modification time and the writer's settings they decide whether a case is finished.
+        skip_existing: skip finished cases (see ``SegmentationWriter.finished``); "auto": when ``input`` is a
+            folder of cases.
+        input: the config's input (only read for ``skip_existing="auto"``).
     """
 
     def __init__(
@@ -72,6 +109,8 @@ class SegmentationRunner:
         progress: Union[bool, str] = True,
         fail_on_error: Union[bool, str] = True,
         options: Optional[Dict[str, Any]] = None,
+        skip_existing: Union[bool, str] = "auto",
+        input: Any = None,
     ) -> None:
         self.dataset = dataset
         self.network = network
@@ -83,71 +122,115 @@ class SegmentationRunner:
         self.progress = as_bool(progress)
         self.fail_on_error = as_bool(fail_on_error)
         self.options = dict(options or {})
+        auto = isinstance(skip_existing, str) and skip_existing.strip().lower() == "auto"
+        self.skip_existing = is_cohort_input(input) if auto else as_bool(skip_existing)
         self.summary: Dict[str, Any] = {}
 
     def _device(self) -> torch.device:
         param = next(self.network.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
-    def run_case(self, index: int) -> Dict[str, Any]:
-        """Process case ``index`` and return its report (raises on any failure)."""
+    def case_options(self) -> Dict[str, Any]:
+        """The options stored in each report: ``options`` plus the weights file's identity (path, size, mtime)."""
+        options = dict(self.options)
+        if self.ckpt_path is not None and Path(self.ckpt_path).is_file():
+            stat = Path(self.ckpt_path).stat()
+            options["weights"] = {"path": str(self.ckpt_path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return options
+
+    def run_case(self, index: int, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Process case ``index`` and return its report (raises on any failure).
+
+        Warnings about non-CT intensities go into the report (``warnings``), which the writer writes last.
+        """
         item = self.dataset.data[index]  # type: ignore[attr-defined]
+        check_case = getattr(self.writer, "check_case", None)
+        if check_case is not None:
+            check_case(item["image"])
         check_input(item["image"])
-        try:
-            data = self.dataset[index]
-        except Exception as e:
-            if isinstance(root_cause(e), BadInputError):
-                raise
-            message = describe_error(e).replace(f" for file: {item['image']}", "")
-            kind = "DICOM series" if Path(item["image"]).is_dir() else "image"
-            raise BadInputError(f"{item['image']}: cannot load or preprocess this {kind} ({message})") from e
-        with torch.no_grad():
-            data["pred"] = self.inferer(data["image"][None], self.network)[0]
-        data = self.postprocessing(data)
-        return self.writer(data, item["case"], input=str(item["image"]), options=self.options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                data = self.dataset[index]
+            except Exception as e:
+                if isinstance(root_cause(e), BadInputError):
+                    raise
+                message = describe_error(e).replace(f" for file: {item['image']}", "")
+                kind = "DICOM series" if Path(item["image"]).is_dir() else "image"
+                raise BadInputError(f"{item['image']}: cannot load or preprocess this {kind} ({message})") from e
+            with torch.no_grad():
+                data["pred"] = self.inferer(data["image"][None], self.network)[0]
+            data = self.postprocessing(data)
+        notes = sorted({str(w.message) for w in caught if issubclass(w.category, NonCTIntensityWarning)})
+        options = self.case_options() if options is None else options
+        return self.writer(data, item["case"], input=str(item["image"]), options=options, warnings=notes)
 
     def run(self) -> Dict[str, Any]:
-        """Process every case; returns (and writes to ``summary.json``) the successes and failures."""
+        """Process every case (of this rank's shard); returns (and writes to ``summary.json``) the successes,
+        failures and skipped cases (of all ranks)."""
+        dist = _distributed()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
         if self.ckpt_path is not None:
             load_network_weights(self.network, self.ckpt_path)
         self.network.eval()
+        if rank == 0:  # before any rank writes: no temporary file of this run can be mistaken for a dead one
+            for folder in {self.writer.output_dir, self.output_dir}:
+                remove_stale_temporaries(folder)
+        if dist is not None:
+            dist.barrier()
         items: List[Dict[str, Any]] = list(self.dataset.data)  # type: ignore[attr-defined]
-        succeeded, failed = [], []
+        options = self.case_options()
+        part: Dict[str, List[Dict[str, Any]]] = {"succeeded": [], "failed": [], "skipped": []}
         indices = range(len(items))
         if self.progress:
             from tqdm import tqdm
 
-            indices = tqdm(indices, desc="dodnet-segment", unit="case")
+            indices = tqdm(indices, desc="dodnet-segment" + (f" rank {rank}" if world > 1 else ""), unit="case")
         for i in indices:
             item, start = items[i], time.time()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    report = self.run_case(i)
-                except Exception as e:  # one bad case never costs the others
-                    message = describe_error(e)
-                    if str(item["image"]) not in message:
-                        message = f"{item['image']}: {message}"
-                    logger.error("case %s failed: %s", item["case"], message)
-                    failed.append({"case": item["case"], "input": str(item["image"]), "error": message})
-                    continue
-            notes = sorted({str(w.message) for w in caught if issubclass(w.category, NonCTIntensityWarning)})
-            if notes:
-                report["warnings"] = notes
-                write_json_atomic(report, report["outputs"]["report"])
-            succeeded.append(
+            where = {"rank": rank} if world > 1 else {}
+            done = self.writer.finished(item["case"], str(item["image"]), options) if self.skip_existing else None
+            if done is not None:
+                logger.info("case %s: finished by an earlier run, skipped", item["case"])
+                part["skipped"].append(
+                    {"case": item["case"], "input": str(item["image"]), "outputs": done["outputs"], **where}
+                )
+                continue
+            try:
+                report = self.run_case(i, options)
+            except Exception as e:  # one bad case never costs the others
+                message = describe_error(e)
+                if str(item["image"]) not in message:
+                    message = f"{item['image']}: {message}"
+                logger.error("case %s failed: %s", item["case"], message)
+                part["failed"].append({"case": item["case"], "input": str(item["image"]), "error": message, **where})
+                continue
+            part["succeeded"].append(
                 {
                     "case": item["case"],
                     "input": str(item["image"]),
                     "outputs": report["outputs"],
                     "seconds": round(time.time() - start, 2),
-                    "warnings": notes,
+                    "warnings": report.get("warnings", []),
+                    **where,
                 }
             )
-        self.summary = {"succeeded": succeeded, "failed": failed, "options": self.options}
-        write_json_atomic(self.summary, self.output_dir / "summary.json")
-        logger.info("%d case(s) segmented, %d failed", len(succeeded), len(failed))
-        if failed and self.fail_on_error:
-            lines = "\n".join(f"  {f['error']}" for f in failed)
-            raise CasesFailedError(f"{len(failed)} of {len(items)} case(s) failed:\n{lines}")
+        if dist is not None:
+            parts: List[Any] = [None] * world
+            dist.all_gather_object(parts, part)
+            merged = merge_summaries(parts)
+        else:
+            merged = part
+        self.summary = {**merged, "options": self.options}
+        if world > 1:
+            self.summary["world_size"] = world
+        if rank == 0:
+            write_json_atomic(self.summary, self.output_dir / "summary.json")
+        if dist is not None:
+            dist.barrier()  # summary.json is complete when any rank returns
+        ok, bad, skipped = (len(self.summary[k]) for k in ("succeeded", "failed", "skipped"))
+        logger.info("%d case(s) segmented, %d skipped (finished earlier), %d failed", ok, skipped, bad)
+        if bad and self.fail_on_error:
+            lines = "\n".join(f"  {f['error']}" for f in self.summary["failed"])
+            raise CasesFailedError(f"{bad} of {ok + bad + skipped} case(s) failed:\n{lines}")
         return self.summary
