@@ -1,4 +1,4 @@
-"""Inference: the task-aware sliding window, post-processing, the case runner, writers, reports and previews.
+"""Inference: task-aware sliding window, post-processing, case runner, writers (NIfTI, DICOM SEG), reports, previews.
 
 Components are named ``scripts.inference.<Name>`` (loaded on first use, see ``scripts.utils.lazy_exports``).
 """
@@ -16,8 +16,19 @@ _EXPORTS = {
     "SegmentationRunner": "runner",
     "CasesFailedError": "runner",
     "describe_error": "runner",
+    "is_cohort_input": "runner",
+    "merge_summaries": "runner",
     "save_image_atomic": "writers",
+    "remove_stale_temporaries": "writers",
     "SegmentationWriter": "writers",
+    "OUTPUT_TYPES": "dicom_seg",
+    "parse_output_type": "dicom_seg",
+    "dicom_seg_source_problem": "dicom_seg",
+    "read_dicom_series": "dicom_seg",
+    "series_geometry": "dicom_seg",
+    "label_map_on_series": "dicom_seg",
+    "segment_descriptions": "dicom_seg",
+    "write_dicom_seg": "dicom_seg",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
