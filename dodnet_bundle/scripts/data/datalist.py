@@ -230,6 +230,11 @@ def load_datalist(
     if not isinstance(items, list) or not items:
         raise DatalistError(f"datalist {datalist_path}: the {split!r} list is empty (or not a list)")
 
+    # absolute before the reader threads start: ITK's lazy module loading changes the process's working
+    # directory for a moment (itk.support.base.LibraryLoader), so a relative path checked in one thread while
+    # another loads an ITK module is "not found" (a cold MOTS-synth cache with a relative bundle_root)
+    base = Path(os.path.abspath(base))
+
     def check(item: Any) -> Tuple[Optional[Dict[str, Any]], List[str]]:
         return _check_item(item, base, require_label, check_values)
 
