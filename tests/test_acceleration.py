@@ -50,11 +50,11 @@ def test_bf16_autocast_is_close_to_fp32():
 
 
 def test_precision_names_are_checked():
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
         autocast("cpu", "int8")
     with pytest.raises(ValueError, match="fp16 autocast is for GPUs"):
         autocast("cpu", "fp16")
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
         TaskSlidingWindowInferer(roi_size=(32, 32, 16), precision="half")
 
 
@@ -146,7 +146,10 @@ def test_inference_config_compile_head_runs_the_compiled_kernel(bundle_root):
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
     assert parser["compile_head"] is False  # opt-in: compiling costs seconds and needs a compiler
-    parser.update({"compile_head": True, "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)})
+    # fp32: this compares the compiled with the eager head, not bf16 with fp32
+    parser.update(
+        {"compile_head": True, "precision": "fp32", "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)}
+    )
     inferer = parser.get_parsed_content("inferer")
     assert inferer.compile_head
     net, image = tiny_net(), torch.randn(1, 1, 40, 36, 20)
@@ -173,7 +176,9 @@ def test_inference_config_compile_network_matches_eager(bundle_root):
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
     assert parser["compile_network"] is False  # opt-in: compiling takes tens of seconds
-    parser.update({"compile_network": True, "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)})
+    parser.update(
+        {"compile_network": True, "precision": "fp32", "patch_size": [32, 32, 16], "bundle_root": str(bundle_root)}
+    )
     inferer = parser.get_parsed_content("inferer")
     net, image = tiny_net(), torch.randn(1, 1, 40, 36, 20)
     keys = set(net.state_dict())
@@ -191,3 +196,34 @@ def test_compile_network_rejects_torchscript():
     scripted = torch.jit.script(torch.nn.Conv3d(1, 1, 1))
     with pytest.raises(ValueError, match="cannot torch.compile a RecursiveScriptModule"):
         compile_network(scripted)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx512f", "avx512_bf16"}, "bf16"),
+        ({"amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx512f", "avx2"}, "fp32"),
+        (set(), "fp32"),
+    ],
+    ids=["avx512-bf16", "amx", "avx512-without-bf16", "unknown-cpu"],
+)
+def test_auto_precision_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, expected):
+    from scripts.networks import acceleration
+
+    monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset(flags))
+    assert acceleration.resolve_precision("auto", "cpu") == expected
+    assert acceleration.resolve_precision("fp32", "cpu") == "fp32"
+    with acceleration.autocast("cpu", "auto"):
+        y = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+    assert y.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    from pathlib import Path
+
+    from scripts.networks.acceleration import cpu_flags
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo on this system (the detection then answers fp32)")
+    assert "fpu" in cpu_flags() or "neon" in cpu_flags() or "asimd" in cpu_flags()

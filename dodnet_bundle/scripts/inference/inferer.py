@@ -26,11 +26,11 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInfererAdapt
 
 from scripts.networks.acceleration import (
-    PRECISIONS,
     autocast,
     compile_dynamic_heads,
     compile_network,
     input_to_channels_last,
+    resolve_precision,
     to_channels_last,
 )
 from scripts.tasks import TaskSpec, resolve_tasks
@@ -92,7 +92,8 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         sigma_scale: Gaussian sigma relative to the window (0.125 = 1/8, as the authors).
         stitch_dtype: dtype of the stitched probabilities ("float16" halves the host memory).
         compute_dtype: dtype the network runs in (float32).
-        precision: "fp32" (default), "bf16" (CPUs with AVX-512 bf16/AMX, GPUs) or "fp16" (GPUs): autocast
+        precision: "auto" (bf16 where the device computes it natively, else fp32), "fp32" (default), "bf16" or
+            "fp16" (GPUs): autocast
             of the network (see ``scripts.networks.acceleration``).
         channels_last: run the network in channels-last 3-D layout (faster oneDNN/cuDNN convolutions);
             converts the network's parameters in place on the first call.
@@ -162,8 +163,7 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         self.tta = as_bool(tta)
         self.stitch_dtype = _dtype(stitch_dtype)
         self.compute_dtype = _dtype(compute_dtype)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        resolve_precision(precision, "cpu")  # reject unknown names when the config is parsed
         self.precision = precision
         self.channels_last = as_bool(channels_last)
         self.compile_head = as_bool(compile_head)

@@ -1,7 +1,8 @@
 """Fast inference paths: channels-last 3-D memory format and bf16/fp16 autocast, selected by name.
 
-``precision``: ``"fp32"`` (default), ``"bf16"`` (CPUs with AVX-512 bf16/AMX, and GPUs) or ``"fp16"``
-(GPUs). Channels-last 3-D lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+``precision``: ``"auto"`` (bf16 where the device computes it natively: CUDA GPUs that support it, CPUs with
+AVX-512 BF16 or AMX-BF16 instructions; fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPUs).
+Channels-last 3-D lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
 ``compile_dynamic_heads`` switches the dynamic heads to their ``torch.compile``-fused inference kernel;
 ``compile_network`` compiles the whole network (Inductor fuses each GroupNorm with its ReLU, the autocast
 casts and the dynamic heads around the convolutions).
@@ -10,7 +11,9 @@ casts and the dynamic heads around the convolutions).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import functools
+from pathlib import Path
+from typing import ContextManager, FrozenSet, Union
 
 import torch
 from torch import nn
@@ -19,6 +22,10 @@ from .dynamic_head import DynamicHead
 
 __all__ = [
     "PRECISIONS",
+    "NATIVE_BF16_CPU_FLAGS",
+    "cpu_flags",
+    "cpu_has_native_bf16",
+    "resolve_precision",
     "autocast",
     "to_channels_last",
     "input_to_channels_last",
@@ -27,12 +34,42 @@ __all__ = [
 ]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU instructions that compute bf16 natively (oneDNN otherwise emulates it, slower than fp32)."""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has AVX-512 BF16 or AMX-BF16 (``NATIVE_BF16_CPU_FLAGS``)."""
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
+    """``"auto"`` -> ``"bf16"`` where ``device`` computes bf16 natively, else ``"fp32"``; other names are checked
+    and kept."""
+    if precision == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 def autocast(device: torch.device | str, precision: str = "fp32") -> ContextManager:
-    """An autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    """An autocast context for ``precision`` (``"auto"`` resolved for ``device``) on ``device`` (a no-op context
+    for fp32)."""
+    precision = resolve_precision(precision, device)
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()

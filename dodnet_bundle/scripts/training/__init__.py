@@ -21,7 +21,6 @@ _EXPORTS = {
     "SAMPLING_MODES": "sampling",
     "TaskSampler": "sampling",
     "task_weights": "sampling",
-    "resolve_precision": "validation",
     "AutocastSlidingWindowInferer": "validation",
 }
 

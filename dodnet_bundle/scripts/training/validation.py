@@ -7,28 +7,14 @@ device has fast bf16 (CUDA GPUs that support it, CPUs with AVX-512 bf16 / AMX) a
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from scripts.networks.acceleration import PRECISIONS, autocast
+from scripts.networks.acceleration import autocast, resolve_precision
 
-__all__ = ["resolve_precision", "AutocastSlidingWindowInferer"]
-
-
-def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
-    """``"auto"`` -> ``"bf16"`` where ``device`` has fast bf16, else ``"fp32"``; other names are checked and kept."""
-    if precision == "auto":
-        device = torch.device(device)
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-        if device.type == "cpu":
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        return "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"val_precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
-    return precision
+__all__ = ["AutocastSlidingWindowInferer"]
 
 
 class AutocastSlidingWindowInferer(SlidingWindowInferer):
