@@ -20,6 +20,7 @@ __all__ = [
     "TaskSpec",
     "TASKS",
     "NUM_TASKS",
+    "TaskSelectionError",
     "task_by_name",
     "resolve_task",
     "resolve_tasks",
@@ -155,6 +156,10 @@ NUM_TASKS: int = len(TASKS)
 _ALIASES: Dict[str, str] = {"hepatic vessel": "hepatic_vessel", "hepaticvessel": "hepatic_vessel", "kidneys": "kidney"}
 
 
+class TaskSelectionError(ValueError):
+    """An unknown task name or id, a task named twice, or an empty task selection (a usage error)."""
+
+
 def task_by_name(name: str) -> TaskSpec:
     """Look a task up by name (case-insensitive; "hepatic vessel" and "hepatic_vessel" both work)."""
     key = name.strip().lower().replace("-", "_")
@@ -162,13 +167,17 @@ def task_by_name(name: str) -> TaskSpec:
     for spec in TASKS:
         if spec.name == key:
             return spec
-    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(t.name for t in TASKS)}")
+    import difflib
+
+    close = difflib.get_close_matches(key, [t.name for t in TASKS] + list(_ALIASES), n=1)
+    hint = f" (did you mean {_ALIASES.get(close[0], close[0])!r}?)" if close else ""
+    raise TaskSelectionError(f"unknown task {name!r}{hint}; known tasks: {', '.join(t.name for t in TASKS)}")
 
 
 def resolve_task(task: Union[str, int]) -> TaskSpec:
     """A task given as a name, an int id or a string holding an int id."""
     if isinstance(task, bool):
-        raise ValueError(f"unknown task {task!r}: expected a name or an id in [0, {NUM_TASKS - 1}]")
+        raise TaskSelectionError(f"unknown task {task!r}: expected a name or an id in [0, {NUM_TASKS - 1}]")
     if isinstance(task, str) and task.strip().lstrip("-").isdigit():
         task = int(task)
     if isinstance(task, str):
@@ -176,23 +185,35 @@ def resolve_task(task: Union[str, int]) -> TaskSpec:
     try:
         index = int(task)
     except (TypeError, ValueError):
-        raise ValueError(f"unknown task {task!r}: expected a name or an id in [0, {NUM_TASKS - 1}]") from None
+        raise TaskSelectionError(f"unknown task {task!r}: expected a name or an id in [0, {NUM_TASKS - 1}]") from None
     if index != task or not 0 <= index < NUM_TASKS:
-        raise ValueError(f"unknown task id {task!r}: expected an id in [0, {NUM_TASKS - 1}]")
+        raise TaskSelectionError(f"unknown task id {task!r}: expected an id in [0, {NUM_TASKS - 1}]")
     return TASKS[index]
 
 
 def resolve_tasks(tasks: Union[None, str, int, Sequence[Union[str, int]]]) -> Tuple[TaskSpec, ...]:
-    """A task selection: None or "all" -> all tasks; a comma-separated string, a name, an id or a list."""
-    if tasks is None or (isinstance(tasks, str) and tasks.strip().lower() in ("", "all")):
+    """A task selection: None or "all" -> all tasks; a comma-separated string, a name, an id or a list.
+
+    Raises:
+        TaskSelectionError: an unknown task, a task named twice, or an empty selection (``""``, ``","``,
+            ``"[]"``, ``[]``): selecting no task is never taken to mean all of them.
+    """
+    if tasks is None or (isinstance(tasks, str) and tasks.strip().lower() == "all"):
         return TASKS
+    given = tasks
     if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t.strip()]
+        tasks = [t for t in tasks.strip().strip("[]").split(",") if t.strip().strip("'\"")]
     elif isinstance(tasks, int):
         tasks = [tasks]
-    specs = tuple(resolve_task(t) for t in tasks)
-    if len({s.id for s in specs}) != len(specs):
-        raise ValueError(f"task selection {list(tasks)!r} names a task twice")
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise TaskSelectionError(
+            f"empty task selection {given!r}: name tasks (e.g. 'liver,kidney') or 'all'; "
+            f"known tasks: {', '.join(t.name for t in TASKS)}"
+        )
+    specs = tuple(resolve_task(t.strip().strip("'\"") if isinstance(t, str) else t) for t in tasks)
+    twice = sorted({s.name for s in specs if sum(o.id == s.id for o in specs) > 1})
+    if twice:
+        raise TaskSelectionError(f"task selection {list(tasks)!r} names {', '.join(twice)} twice")
     return specs
 
 

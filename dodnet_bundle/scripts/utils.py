@@ -23,6 +23,8 @@ __all__ = [
     "BUNDLE_ROOT",
     "as_bool",
     "root_cause",
+    "default_threads",
+    "set_threads",
     "lazy_exports",
     "atomic_output",
     "write_text_atomic",
@@ -53,6 +55,47 @@ def root_cause(error: BaseException, stop_at: Tuple[Type[BaseException], ...] = 
     while error.__cause__ is not None and not isinstance(error, stop_at):
         error = error.__cause__
     return error
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``: a container's or ``taskset``'s share, not the
+    host's core count that torch and ITK would otherwise use)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: Optional[Union[int, str]] = None) -> int:
+    """Use ``threads`` CPU threads in torch (intra-op) and ITK (filters, readers); returns the number set.
+
+    Args:
+        threads: a positive number; None, "" or 0: ``default_threads()`` (also capped at it when larger would
+            oversubscribe, as ``OMP_NUM_THREADS``-style settings from the environment are respected first).
+
+    Raises:
+        ValueError: a negative or non-integer value.
+    """
+    if threads in (None, "", 0, "0"):
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = min(int(env), default_threads()) if env.isdigit() and int(env) > 0 else default_threads()
+    else:
+        try:
+            n = int(threads)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}") from None
+        if n < 1 or str(n) != str(threads).strip():
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import itk
+
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(n)
+    except (ImportError, AttributeError):  # pragma: no cover - ITK is a dependency of the bundle
+        pass
+    return n
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:

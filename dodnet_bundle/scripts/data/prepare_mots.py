@@ -345,16 +345,12 @@ def prepare_mots(
 
 def main() -> None:
     """Console entry point ``dodnet-prepare-mots`` (fire): ``dodnet-prepare-mots --root DIR [--split ratio]``."""
-    import sys
-
     import fire
 
+    from scripts.cli_errors import run_cli
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        fire.Fire(prepare_mots, name="dodnet-prepare-mots")
-    except DataPreparationError as err:
-        print(f"dodnet-prepare-mots: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("dodnet-prepare-mots", lambda args: fire.Fire(prepare_mots, command=args, name="dodnet-prepare-mots"))
 
 
 if __name__ == "__main__":

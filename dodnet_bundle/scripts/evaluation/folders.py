@@ -476,15 +476,19 @@ def _cli(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point (fire); exits 1 when any case failed, 2 on a usage/input error."""
+    """Command-line entry point (fire); exits 1 when any case failed, 2 on a usage/input error (one line; the
+    traceback with ``--debug``)."""
     import fire
 
+    from scripts.cli_errors import USAGE_EXIT, run_cli
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        fire.Fire(_cli, command=list(argv) if argv is not None else None)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(
+        "dodnet-evaluate",
+        lambda args: fire.Fire(_cli, command=args, name="dodnet-evaluate"),
+        argv,
+        extra=((ValueError, USAGE_EXIT), (FileNotFoundError, USAGE_EXIT)),
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from scripts.utils import BUNDLE_ROOT, root_cause
+from scripts.utils import BUNDLE_ROOT
 
 __all__ = ["segment", "segment_main"]
 
@@ -47,6 +46,7 @@ def segment(
     output_type: str = "nifti",
     sw_batch_size: Optional[int] = None,
     progress: bool = True,
+    threads: Optional[int] = None,
     config_file: Optional[str] = None,
     **overrides: Any,
 ) -> Dict[str, Any]:
@@ -70,17 +70,26 @@ def segment(
             or "both".
         sw_batch_size: windows per network call.
         progress: progress bar over cases.
+        threads: CPU threads of torch and ITK (default: the CPUs this process may run on, at most).
         config_file: another inference config (default: the bundle's ``configs/inference.json``).
-        overrides: any further config id, e.g. ``--patch_size "[96,96,64]"`` or ``--network_def#base_channels 8``.
+        overrides: any further config id, e.g. ``--patch_size "[96,96,64]"`` or ``--network_def#base_channels 8``;
+            a name that is neither an option nor an id of the config is refused with the closest valid names.
 
     Returns:
         the run summary (``succeeded`` and ``failed`` lists).
-    """
-    from monai.bundle import ConfigWorkflow
 
+    Raises:
+        scripts.cli_errors.UsageError: an unknown option, an empty or unknown task selection, an output folder
+            that cannot be written (all checked before any case).
+    """
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    from scripts.cli_errors import check_output_location, check_overrides
     from scripts.tasks import resolve_tasks
 
     root = BUNDLE_ROOT
+    config_path = str(config_file or root / "configs" / "inference.json")
+    check_overrides(ConfigParser.load_config_files(config_path), overrides, inspect.signature(segment).parameters)
     names = [t.name for t in resolve_tasks(_as_list(tasks) if str(tasks).strip().lower() != "all" else "all")]
     inputs = _as_list(input)
     settings: Dict[str, Any] = {
@@ -97,6 +106,9 @@ def segment(
         "progress": bool(progress),
         "fail_on_error": False,
     }
+    check_output_location(settings["output_dir"])
+    if threads is not None:
+        settings["threads"] = int(threads)
     if device is not None:
         settings["device"] = f"$torch.device({str(device)!r})"
     if precision is not None:
@@ -111,7 +123,7 @@ def segment(
         settings["sw_batch_size"] = int(sw_batch_size)
     settings.update(overrides)
     workflow = ConfigWorkflow(
-        config_file=str(config_file or root / "configs" / "inference.json"),
+        config_file=config_path,
         meta_file=str(root / "configs" / "metadata.json"),
         logging_file=str(root / "configs" / "logging.conf"),
         workflow_type="infer",
@@ -138,13 +150,16 @@ def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
 
 
 def segment_main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point (``dodnet-segment``); exits 1 if any case failed or the run could not start."""
+    """Console entry point (``dodnet-segment``): exit 2 on a usage error (options, tasks, weights, output folder),
+    1 if any case failed; user errors print one line (the traceback with ``--debug``)."""
+    from scripts.cli_errors import run_cli
+
+    run_cli("dodnet-segment", _segment_cli, argv)
+
+
+def _segment_cli(args: List[str]) -> Optional[int]:
     import fire
 
-    from scripts.data.cases import BadInputError
-    from scripts.networks.weights import MissingWeightsError
-
-    args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args) and "--" not in args:
         args = [a for a in args if a not in ("-h", "--help")] + ["--", "--help"]  # fire's help flag, exit 0
     holder: Dict[str, Any] = {}
@@ -154,19 +169,11 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
         holder["output_dir"] = inspect.signature(segment).bind(*args, **kwargs).arguments["output_dir"]
         holder["summary"] = segment(*args, **kwargs)
 
-    try:
-        fire.Fire(command, command=args, name="dodnet-segment")
-    except Exception as e:  # the config machinery wraps errors: report the root cause when it is the user's input
-        root = root_cause(e)
-        if not isinstance(root, (MissingWeightsError, BadInputError)):
-            raise
-        print(f"dodnet-segment: {root}", file=sys.stderr)
-        raise SystemExit(1) from None
+    fire.Fire(command, command=args, name="dodnet-segment")
     if "summary" not in holder:  # --help
-        return
+        return None
     _print_summary(holder["summary"], holder["output_dir"])
-    if holder["summary"]["failed"]:
-        raise SystemExit(1)
+    return 1 if holder["summary"]["failed"] else None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from scripts.cli_errors import check_output_location
 from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
 from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
@@ -170,6 +171,8 @@ class SegmentationRunner:
         failures and skipped cases (of all ranks)."""
         dist = _distributed()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+        for folder in {self.writer.output_dir, self.output_dir}:  # a file in its place, not writable: no case runs
+            check_output_location(folder)
         if self.ckpt_path is not None:
             load_network_weights(self.network, self.ckpt_path)
         self.network.eval()

@@ -201,10 +201,19 @@ def convert(
     return str(out)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m scripts.networks.convert_official_checkpoint --src FILE [--dst FILE]``: exit 2 with one line
+    for a missing, truncated or mismatched checkpoint or an existing ``dst`` (the traceback with ``--debug``)."""
     import fire
 
-    fire.Fire(convert)
+    from scripts.cli_errors import USAGE_EXIT, run_cli
+
+    run_cli(
+        "convert_official_checkpoint",
+        lambda args: fire.Fire(convert, command=args, name="convert_official_checkpoint"),
+        argv,
+        extra=((FileExistsError, USAGE_EXIT),),
+    )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["MissingWeightsError", "WRAPPER_KEYS", "read_state_dict", "load_network_weights"]
+__all__ = ["MissingWeightsError", "CheckpointError", "WRAPPER_KEYS", "read_state_dict", "load_network_weights"]
 
 PathLike = Union[str, os.PathLike]
 WRAPPER_KEYS = ("model", "state_dict", "network")
@@ -25,6 +25,11 @@ PREFIX = "module."
 
 class MissingWeightsError(FileNotFoundError):
     """The checkpoint file is missing; the message says how to get weights."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (not weights-only, truncated, keys or shapes of another network); the
+    one-line message names the file and the fix."""
 
 
 def _how_to_get_weights(path: Path) -> str:
@@ -62,9 +67,10 @@ def read_state_dict(checkpoint: Union[PathLike, Mapping[str, Any]]) -> Dict[str,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError (truncated)...
-            raise ValueError(
-                f"{path}: refused to load: not a weights-only PyTorch checkpoint (torch.load(weights_only=True) "
-                f"failed; a pickle holding code or custom objects is never loaded): {type(e).__name__}: {e}"
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"{path}: refused to load: not a weights-only PyTorch checkpoint, or truncated/corrupt (re-download or "
+                f"re-convert it; a pickle holding code is never loaded): {type(e).__name__}: {first}"
             ) from e
     for _ in range(3):  # unwrap {"model": {...}}, possibly nested once more
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -73,10 +79,12 @@ def read_state_dict(checkpoint: Union[PathLike, Mapping[str, Any]]) -> Dict[str,
                 break
             obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if not_tensors or not obj:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: not a state dict of tensors (top-level keys {sorted(map(str, obj))[:10]}); "
             f"non-tensor entries: {not_tensors[:10]}; expected a plain state dict or one under "
             f"{' / '.join(repr(k) for k in WRAPPER_KEYS)}"
@@ -85,19 +93,55 @@ def read_state_dict(checkpoint: Union[PathLike, Mapping[str, Any]]) -> Dict[str,
     for key, value in obj.items():
         name = _strip_prefix(str(key))
         if name in out:
-            raise ValueError(f"{source}: key {name!r} occurs twice once prefixes are stripped")
+            raise CheckpointError(f"{source}: key {name!r} occurs twice once prefixes are stripped")
         out[name] = value
     return out
 
 
+def _shape(value: torch.Tensor) -> str:
+    return "x".join(str(s) for s in value.shape)
+
+
+def mismatch(source: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """One line describing how a state dict differs from the network's (missing, extra, mis-shaped keys), or None.
+
+    A different width of the first convolution (``backbone.conv1.weight``) is named as the ``base_channels`` the
+    checkpoint was trained with.
+    """
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or extra or shapes):
+        return None
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensor(s) of another shape (e.g. {k}: {_shape(state[k])} in the file, "
+            f"{_shape(expected[k])} in the network)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} extra key(s) (e.g. {extra[0]})")
+    first = "backbone.conv1.weight"
+    if first in shapes and state[first].dim() == expected[first].dim():
+        fix = f"pass --network_def#base_channels {int(state[first].shape[0])} (the checkpoint's width)"
+    else:
+        fix = "use the checkpoint of this network_def or override network_def to the one it was trained with"
+    return f"{source}: the weights do not fit the network defined by network_def: {'; '.join(parts)}; {fix}"
+
+
 def load_network_weights(network: nn.Module, path: PathLike) -> nn.Module:
-    """Load the checkpoint at ``path`` into ``network`` (strict: every key and shape must match) and return it."""
+    """Load the checkpoint at ``path`` into ``network`` (strict: every key and shape must match) and return it.
+
+    Raises:
+        MissingWeightsError: no file at ``path``.
+        CheckpointError: an unreadable checkpoint, or one whose keys or shapes differ from the network's.
+    """
     state = read_state_dict(path)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"{path}: the weights do not fit the network defined by network_def (wrong network_def "
-            f"overrides or a checkpoint of another model?): {e}"
-        ) from e
+    problem = mismatch(str(path), state, network.state_dict())
+    if problem:
+        raise CheckpointError(problem)
+    network.load_state_dict(state, strict=True)
     return network

@@ -1,0 +1,199 @@
+"""One line per user mistake: the shared error handling of every console command of the bundle.
+
+``run_cli(prog, main)`` runs a command's ``main(argv)``; an error whose root cause (MONAI's config machinery wraps
+errors in ``RuntimeError``) is a known user-error type is printed as one line ``<prog>: error: <message>`` on stderr
+and ends the process with its exit code: 2 for usage errors (options, values, task names, checkpoints, the output
+location), 1 for failed cases (an input that cannot be segmented). Any other error is a bug and keeps its
+traceback; ``--debug`` (removed from the arguments before ``main`` sees them) shows the traceback of user errors too.
+
+Used by ``dodnet-segment``, ``dodnet-evaluate``, ``dodnet-prepare-mots``, ``dodnet-preprocess`` and the checkpoint
+converter. ``python -m monai.bundle run`` prints MONAI's own traceback; its last line is the same one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+__all__ = [
+    "USAGE_EXIT",
+    "FAILED_EXIT",
+    "UsageError",
+    "OutputLocationError",
+    "one_line",
+    "user_error_exit",
+    "closest",
+    "check_output_location",
+    "config_ids",
+    "check_overrides",
+    "run_cli",
+]
+
+USAGE_EXIT = 2
+"""Exit code of a usage error (bad option, value, task, checkpoint or output location)."""
+FAILED_EXIT = 1
+"""Exit code of a run in which cases failed (or the input cannot be segmented)."""
+
+
+class UsageError(ValueError):
+    """A mistake in a command's options or values; the message names the value and the fix (exit 2)."""
+
+
+class OutputLocationError(UsageError):
+    """The output location cannot hold the outputs (a file in its place, not writable); checked before any case."""
+
+
+# (module, class name, exit code): imported on use, so that this module stays free of torch and MONAI
+_KNOWN: Tuple[Tuple[str, str, int], ...] = (
+    ("scripts.cli_errors", "UsageError", USAGE_EXIT),
+    ("scripts.tasks", "TaskSelectionError", USAGE_EXIT),
+    ("scripts.networks.weights", "MissingWeightsError", USAGE_EXIT),
+    ("scripts.networks.weights", "CheckpointError", USAGE_EXIT),
+    ("scripts.networks.convert_official_checkpoint", "CheckpointMismatchError", USAGE_EXIT),
+    ("scripts.data.datalist", "DatalistError", USAGE_EXIT),
+    ("scripts.data.prepare_mots", "DataPreparationError", USAGE_EXIT),
+    ("scripts.data.preprocess", "PreprocessError", USAGE_EXIT),
+    ("scripts.data.cases", "BadInputError", FAILED_EXIT),
+)
+
+
+def _known_types() -> List[Tuple[Type[BaseException], int]]:
+    found = []
+    for module, name, code in _KNOWN:
+        if module not in sys.modules and module != __name__:
+            continue  # never raised by a module that was not imported
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type):
+            found.append((cls, code))
+    return found
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (lines of a multi-line message joined by "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(error).__name__
+
+
+def user_error_exit(
+    error: BaseException, extra: Iterable[Tuple[Type[BaseException], int]] = ()
+) -> Optional[Tuple[BaseException, int]]:
+    """``(the user error, its exit code)`` when ``error`` or a cause of it is a known user error, else None.
+
+    Args:
+        error: the raised error.
+        extra: further ``(type, exit code)`` pairs a command treats as user errors.
+    """
+    known = _known_types() + list(extra)
+    current: Optional[BaseException] = error
+    while current is not None:
+        for cls, code in known:
+            if isinstance(current, cls):
+                return current, code
+        current = current.__cause__
+    return None
+
+
+def closest(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """ " (did you mean ...?)" with the closest of ``choices`` (``difflib``), or "" when none is close."""
+    matches = difflib.get_close_matches(word, sorted(set(choices)), n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(matches)}?)" if matches else ""
+
+
+def check_output_location(path: Union[str, os.PathLike]) -> Path:
+    """Make sure ``path`` can hold outputs before any work: create the folder and write a probe file in it.
+
+    Raises:
+        OutputLocationError: a file stands where the folder (or one of its parents) should be, or the folder
+            cannot be created or written; the message names the path.
+    """
+    folder = Path(path).expanduser()
+    for part in (folder, *folder.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "the output folder" if part == folder else f"a parent of the output folder {folder}"
+                raise OutputLocationError(f"{part}: is a file, not a folder ({what}); pass another output folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise OutputLocationError(
+            f"{folder}: the output folder is not writable ({e.strerror or e}); pass a folder you can write to"
+        ) from None
+    return folder
+
+
+def config_ids(config: Any, prefix: str = "") -> List[str]:
+    """Every id of a parsed config (``a``, ``a#b``, ``a#0``...), as ``monai.bundle`` overrides name them."""
+    ids: List[str] = []
+    items = config.items() if isinstance(config, Mapping) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        ids.append(name)
+        ids.extend(config_ids(value, name + "#"))
+    return ids
+
+
+def _get(config: Any, id: str) -> Any:
+    for key in id.split("#"):
+        config = config[int(key)] if isinstance(config, list) else config[key]
+    return config
+
+
+def check_overrides(config: Mapping[str, Any], overrides: Iterable[str], options: Iterable[str] = ()) -> None:
+    """Refuse override ids that name nothing in ``config`` (a misspelled option must not be ignored silently).
+
+    Args:
+        config: the parsed config (``ConfigParser.config`` or the JSON content); a new argument of a component
+            (``network_def#norm_groups``) is accepted, its constructor checks it.
+        overrides: the ids given (``precision``, ``network_def#base_channels``...).
+        options: further valid names (a command's own flags), offered in the suggestions.
+
+    Raises:
+        UsageError: naming the unknown option and the closest valid names (``difflib``).
+    """
+    known = set(config_ids(config))
+    components = {i for i in known if isinstance(_get(config, i), Mapping) and "_target_" in _get(config, i)}
+    for name in overrides:
+        parent = name.rsplit("#", 1)[0] if "#" in name else None
+        if name not in known and parent not in components:  # a component's new argument is checked when built
+            flags = [f"--{o}" for o in (*options, *known)]
+            raise UsageError(f"unknown option --{name}{closest('--' + name, flags)}; see --help for the options")
+
+
+def run_cli(
+    prog: str,
+    main: Callable[[List[str]], Any],
+    argv: Optional[Sequence[str]] = None,
+    extra: Iterable[Tuple[Type[BaseException], int]] = (),
+) -> None:
+    """Run ``main(args)`` and turn user errors into one line on stderr and an exit code.
+
+    Args:
+        prog: the command's name, the prefix of the message.
+        main: the command; gets the arguments without ``--debug``; an int it returns is the exit code (else 0).
+        argv: the arguments (default ``sys.argv[1:]``).
+        extra: further ``(type, exit code)`` pairs treated as user errors by this command.
+
+    Raises:
+        SystemExit: with the exit code of ``main`` or of the user error.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = main(args)
+    except Exception as error:  # noqa: B902 - classified below, re-raised when not a user error
+        found = user_error_exit(error, extra)
+        if found is None or debug:
+            raise
+        print(f"{prog}: error: {one_line(found[0])}", file=sys.stderr)
+        raise SystemExit(found[1]) from None
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        raise SystemExit(code)
