@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.dicom import write_series
 from helpers.inference import affine_for, phantom, save_checkpoint, tiny_dodnet, write_nifti
 
 from scripts.data.cases import BadInputError, check_input, find_cases
@@ -39,6 +40,15 @@ def make_batch(folder):
     dicom = folder / "broken_series"
     dicom.mkdir()
     (dicom / "001.dcm").write_bytes(bytes(128) + b"DICM" + b"\x00garbage" * 20)
+    write_nifti(folder / "all_nan.nii.gz", np.full((40, 36, 20), np.nan), affine_for((0.8, 0.8, 1.5)), np.float32)
+    some_nan = phantom()
+    some_nan[:3, :3, :2] = np.nan
+    write_nifti(folder / "some_nan.nii.gz", some_nan, affine_for((0.8, 0.8, 1.5)), np.float32)
+    write_nifti(folder / "huge_spacing.nii.gz", phantom(), affine_for((80.0, 80.0, 150.0)))  # mm typed as 0.1 mm?
+    write_series(folder / "two_series", phantom((40, 36, 4)), description="arterial")
+    write_series(folder / "two_series", phantom((40, 36, 4)), description="venous")
+    write_series(folder / "mr_series", phantom((40, 36, 8)), modality="MR")
+    (folder / "loop.nii.gz").symlink_to("loop.nii.gz")
     return folder
 
 
@@ -51,14 +61,34 @@ def test_batch_with_bad_files_writes_the_good_cases_and_exits_nonzero(tmp_path, 
         segment_main(args + ["--patch_size", "[48,48,32]", "--progress", "False"] + TINY)
     assert exit_info.value.code == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(c["case"] for c in summary["succeeded"]) == ["good_lps", "good_ras", "mri_like"]
+    assert sorted(c["case"] for c in summary["succeeded"]) == [
+        "good_lps",
+        "good_ras",
+        "mr_series",
+        "mri_like",
+        "some_nan",
+    ]
     errors = {c["case"]: c["error"] for c in summary["failed"]}
-    assert set(errors) == {"corrupt", "cut", "empty", "flat", "series", "short", "broken_series", "no_such_scan"}
+    assert set(errors) == {"corrupt", "cut", "empty", "flat", "series", "short", "broken_series", "no_such_scan"} | {
+        "all_nan",
+        "huge_spacing",
+        "two_series",
+        "loop",
+    }
     for case, error in errors.items():
         assert case in error  # every message names its file
     assert "gzip" in errors["corrupt"] and "gzip" in errors["cut"] and "empty" in errors["empty"]
     assert "2-D" in errors["flat"] and "4-D" in errors["series"] and "truncated" in errors["short"]
     assert "does not exist" in errors["no_such_scan"] and "cannot load" in errors["broken_series"]
+    assert "28800 of 28800 voxels are not finite (28800 NaN, 0 inf)" in errors["all_nan"]
+    assert "[0, 0]" not in errors["all_nan"]
+    assert "spacing (80.0, 80.0, 150.0)" in errors["huge_spacing"] and "max_resampled_voxels" in errors["huge_spacing"]
+    assert "holds 2 DICOM series" in errors["two_series"]
+    assert "'arterial' (CT, 4 files)" in errors["two_series"] and "'venous' (CT, 4 files)" in errors["two_series"]
+    assert "symlink loop" in errors["loop"]
+    notes = {c["case"]: c["warnings"] for c in summary["succeeded"]}
+    assert any("18 of 28800 voxels are not finite (18 NaN, 0 inf)" in w for w in notes["some_nan"])
+    assert any("Modality is MR" in w for w in notes["mr_series"])
     for case, shape, kind, spacing in (("good_ras", (40, 36, 20), "ras", 1.5), ("good_lps", (36, 40, 18), "lps", 1.6)):
         seg = nib.load(str(out / f"{case}_seg.nii.gz"))
         source = nib.load(str(inputs / f"{case}.nii.gz"))
@@ -69,7 +99,7 @@ def test_batch_with_bad_files_writes_the_good_cases_and_exits_nonzero(tmp_path, 
     warned = [c for c in summary["succeeded"] if c["case"] == "mri_like"][0]["warnings"]
     assert warned and "mri_like" in warned[0] and "Hounsfield" in warned[0]
     printed = capsys.readouterr().out
-    assert "3 case(s) segmented, 8 failed" in printed and "FAILED  corrupt" in printed
+    assert "5 case(s) segmented, 12 failed" in printed and "FAILED  corrupt" in printed
     assert not list(out.glob(".tmp-*"))
 
 
@@ -78,9 +108,9 @@ def test_missing_weights_exit_nonzero_with_instructions(tmp_path, capsys):
     missing = tmp_path / "weights" / "model.pt"
     with pytest.raises(SystemExit) as exit_info:
         segment_main([str(src), str(tmp_path / "out"), "--ckpt", str(missing)] + TINY)
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a usage error: the weights named do not exist
     err = capsys.readouterr().err
-    assert str(missing) in err and "convert_official_checkpoint" in err
+    assert str(missing) in err and "convert_official_checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()
 
 

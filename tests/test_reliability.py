@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
+import pytest
+import torch
+from helpers.inference import affine_for, phantom, run_workflow, save_checkpoint, tiny_dodnet, write_nifti
 from helpers.paths import BUNDLE_ROOT
+
+from scripts.inference.cli import segment_main
 
 RUN_TIMEOUT_S = 600
 
@@ -75,3 +81,186 @@ def test_datalist_check_survives_a_working_directory_change_in_a_reader_thread(t
     monkeypatch.setattr(datalist, "read_header", read_header_moving_cwd)
     items = datalist.load_datalist(dataset_dir="data", split="training", num_workers=2)
     assert items and all(Path(item["image"]).is_absolute() and Path(item["image"]).is_file() for item in items)
+
+
+TINY = ["--network_def#base_channels", "8", "--network_def#norm_groups", "8", "--network_def#blocks", "[1,1,1,1,1]"]
+
+
+@pytest.fixture()
+def ct(tmp_path):
+    return write_nifti(tmp_path / "ct.nii.gz", phantom(), affine_for((0.8, 0.8, 1.5)))
+
+
+def _segment(args, capsys):
+    """Run dodnet-segment in-process; returns (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_info:
+        segment_main([str(a) for a in args] + ["--progress", "False"] + TINY)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dodnet-segment")]
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("tasks", ["", ",", "[]"])
+def test_empty_task_selection_is_a_usage_error_before_any_case(tmp_path, ct, capsys, tasks):
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", ckpt, "--tasks", tasks], capsys)
+    assert code == 2 and len(err) == 1 and "empty task selection" in err[0]
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_empty_task_selection_in_the_inference_config(tmp_path, ct):
+    """``monai.bundle run --tasks ""`` of inference.json: the same rule, when the inferer is built (before cases)."""
+    from scripts.tasks import TaskSelectionError
+    from scripts.utils import root_cause
+
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
+    tiny = {"network_def#base_channels": 8, "network_def#norm_groups": 8, "network_def#blocks": [1, 1, 1, 1, 1]}
+    with pytest.raises(Exception) as info:
+        run_workflow(str(ct), tmp_path / "out", ckpt, tasks="", **tiny)
+    assert isinstance(root_cause(info.value), TaskSelectionError) and "empty task selection" in str(
+        root_cause(info.value)
+    )
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_unknown_and_duplicate_tasks_and_misspelled_options_are_refused(tmp_path, ct, capsys):
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", ckpt, "--tasks", "livr"], capsys)
+    assert code == 2 and err == [
+        "dodnet-segment: error: unknown task 'livr' (did you mean 'liver'?); known tasks: liver, kidney, "
+        "hepatic_vessel, pancreas, colon, lung, spleen"
+    ]
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", ckpt, "--tasks", "liver,kidney,0"], capsys)
+    assert code == 2 and len(err) == 1 and "names liver twice" in err[0]
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", ckpt, "--presicion", "bf16"], capsys)
+    assert code == 2 and len(err) == 1 and "unknown option --presicion (did you mean --precision" in err[0]
+    assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()
+
+
+def test_output_location_is_checked_before_the_first_case(tmp_path, ct, capsys):
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    code, err = _segment([ct, tmp_path / "taken", "--ckpt", ckpt], capsys)
+    assert code == 2 and err == [
+        f"dodnet-segment: error: {tmp_path / 'taken'}: is a file, not a folder (the output folder); "
+        "pass another output folder"
+    ]
+    code, err = _segment([ct, tmp_path / "taken" / "sub", "--ckpt", ckpt], capsys)
+    assert code == 2 and len(err) == 1 and "a parent of the output folder" in err[0]
+    assert (tmp_path / "taken").read_text().startswith("a file")
+
+
+def test_bad_checkpoints_end_in_one_line_with_the_fix(tmp_path, ct, capsys):
+    wide = DoDNetOf(16)
+    save_checkpoint(wide, tmp_path / "wide.pt")
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", tmp_path / "wide.pt"], capsys)
+    assert code == 2 and len(err) == 1
+    assert "wide.pt: the weights do not fit the network defined by network_def" in err[0]
+    assert "pass --network_def#base_channels 16 (the checkpoint's width)" in err[0]
+    good = save_checkpoint(tiny_dodnet(), tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", tmp_path / "cut.pt"], capsys)
+    assert code == 2 and len(err) == 1 and "cut.pt: refused to load" in err[0] and "truncated" in err[0]
+    state = tiny_dodnet().state_dict()
+    state["extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "extra.pt")
+    code, err = _segment([ct, tmp_path / "out", "--ckpt", tmp_path / "extra.pt"], capsys)
+    assert code == 2 and len(err) == 1 and "1 extra key(s) (e.g. extra.weight)" in err[0]
+    assert not list((tmp_path / "out").glob("*_seg.nii.gz"))
+    from scripts.utils import root_cause
+
+    with pytest.raises(Exception) as info:  # --debug: the traceback, not one line
+        segment_main([str(ct), str(tmp_path / "out"), "--ckpt", str(tmp_path / "extra.pt"), "--debug"] + TINY)
+    assert "extra.weight" in str(root_cause(info.value))
+
+
+def DoDNetOf(width: int):
+    from scripts.networks import DoDNet
+
+    torch.manual_seed(0)
+    return DoDNet(base_channels=width, norm_groups=8, blocks=(1, 1, 1, 1, 1))
+
+
+def test_other_commands_share_the_one_line_errors(tmp_path, capsys):
+    from scripts.data.prepare_mots import main as prepare_main
+    from scripts.evaluation.folders import main as evaluate_main
+    from scripts.networks.convert_official_checkpoint import main as convert_main
+
+    with pytest.raises(SystemExit) as info:
+        evaluate_main([str(tmp_path / "nope"), str(tmp_path), str(tmp_path / "o")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dodnet-evaluate: error: ") and "nope" in err[-1]
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(SystemExit) as info:
+        convert_main(["--src", str(tmp_path / "cut.pth"), "--dst", str(tmp_path / "m.pt")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("convert_official_checkpoint: error: ") and "cut.pth" in err[0]
+    assert not (tmp_path / "m.pt").exists()
+    with pytest.raises(SystemExit) as info:
+        prepare_main_with(prepare_main, ["--root", str(tmp_path / "no_root"), "--tasks", "livr"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("dodnet-prepare-mots: error: ")
+
+
+def prepare_main_with(main, argv):
+    import sys as _sys
+
+    saved = _sys.argv
+    _sys.argv = ["dodnet-prepare-mots", *argv]
+    try:
+        main()
+    finally:
+        _sys.argv = saved
+
+
+def test_threads_default_to_the_affinity_share_and_are_applied_by_the_configs():
+    import itk
+    from monai.bundle import ConfigParser
+
+    from scripts.utils import default_threads, set_threads
+
+    assert default_threads() == len(os.sched_getaffinity(0))
+    assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    with pytest.raises(ValueError, match="positive integer"):
+        set_threads(-2)
+    for name in ("inference.json", "train.json"):
+        config = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / name))
+        assert config["threads"] is None
+        assert {"_target_": "scripts.utils.set_threads", "threads": "@threads"}.items() <= config["initialize"][
+            -1
+        ].items()
+    set_threads(None)
+    assert torch.get_num_threads() <= default_threads()
+
+
+def test_no_swig_warning_at_exit():
+    code = "import scripts, itk; itk.ImageIOFactory"
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], cwd=BUNDLE_ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "swig" not in result.stderr.lower(), result.stderr
+
+
+def test_permission_error_is_named_as_such(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permission bits; the check needs an unprivileged user")
+    from scripts.data.cases import BadInputError, check_input
+
+    path = write_nifti(tmp_path / "locked.nii.gz", phantom(), affine_for((0.8, 0.8, 1.5)))
+    path.chmod(0)
+    with pytest.raises(BadInputError, match="permission denied"):
+        check_input(path)
+
+
+def test_nonfinite_counts_from_the_tensor_for_non_nifti(tmp_path):
+    from monai.data import MetaTensor
+
+    from scripts.data.cases import BadInputError, CheckCTImaged
+
+    img = MetaTensor(torch.full((1, 4, 4, 4), float("inf")), meta={"filename_or_obj": "x.mha"})
+    with pytest.raises(BadInputError, match=r"x.mha: 64 of 64 voxels are not finite \(0 NaN, 64 inf\)"):
+        CheckCTImaged()({"image": img})
+    assert np.isfinite(np.zeros(1)).all()

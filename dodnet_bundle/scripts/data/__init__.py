@@ -29,6 +29,7 @@ _EXPORTS = {
     "find_cases": "cases",
     "case_name": "cases",
     "check_input": "cases",
+    "dicom_series": "cases",
     "CheckCTImaged": "cases",
     "StashStringItemsd": "monailabel_compat",
     "RestoreStashedItemsd": "monailabel_compat",

@@ -11,12 +11,14 @@ intensities do not look like Hounsfield units.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Hashable, List, Mapping, Sequence, Union
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
@@ -30,6 +32,7 @@ __all__ = [
     "find_cases",
     "case_name",
     "check_input",
+    "dicom_series",
     "CheckCTImaged",
 ]
 
@@ -74,6 +77,47 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(f.is_file() and _is_dicom(f) for f in path.iterdir())
 
 
+def dicom_series(folder: PathLike) -> Dict[str, Dict[str, Any]]:
+    """The DICOM series of a folder's files (pydicom, headers only), by SeriesInstanceUID.
+
+    Returns:
+        ``{uid: {"description": SeriesDescription, "modality": Modality, "files": count}}``; files without a
+        SeriesInstanceUID are grouped under "".
+    """
+    import pydicom
+
+    series: Dict[str, Dict[str, Any]] = {}
+    tags = ["SeriesInstanceUID", "SeriesDescription", "Modality"]
+    for f in sorted(Path(folder).iterdir()):
+        if not (f.is_file() and _is_dicom(f)):
+            continue
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=tags)
+        except Exception:  # an unreadable file: the reader reports the folder
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        entry = series.setdefault(
+            uid,
+            {"description": str(ds.get("SeriesDescription", "")), "modality": str(ds.get("Modality", "")), "files": 0},
+        )
+        entry["files"] += 1
+    return series
+
+
+def _check_single_series(p: Path) -> None:
+    """Refuse a folder of several DICOM series (the reader would silently take one of them)."""
+    series = dicom_series(p)
+    if len(series) > 1:
+        listed = "; ".join(
+            f"{uid or '(no SeriesInstanceUID)'} {e['description']!r} ({e['modality'] or '?'}, {e['files']} files)"
+            for uid, e in sorted(series.items())
+        )
+        raise BadInputError(
+            f"{p}: holds {len(series)} DICOM series ({listed}); put each series in its own folder and pass "
+            "the one to segment"
+        )
+
+
 def find_cases(input: Union[PathLike, Sequence[PathLike]]) -> List[Dict[str, str]]:
     """Expand the ``input`` of the inference config into cases.
 
@@ -94,7 +138,12 @@ def find_cases(input: Union[PathLike, Sequence[PathLike]]) -> List[Dict[str, str
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir() and not _is_dicom_folder(p):
-            found = [c for c in sorted(p.iterdir()) if (c.is_file() and _suffix(c)) or _is_dicom_folder(c)]
+            # a dangling or looping symlink named like an image stays a case, reported as such when processed
+            found = [
+                c
+                for c in sorted(p.iterdir())
+                if ((c.is_file() or (c.is_symlink() and not c.exists())) and _suffix(c)) or _is_dicom_folder(c)
+            ]
             if not found:
                 raise BadInputError(
                     f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series folders)"
@@ -125,14 +174,25 @@ def check_input(path: PathLike) -> None:
         BadInputError: naming the file and the problem.
     """
     p = Path(path)
-    if not p.exists():
-        raise BadInputError(f"{p}: does not exist")
+    try:
+        p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadInputError(f"{p}: is a symlink loop (the link points back at itself); fix or remove it") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise BadInputError(f"{p}: permission denied (cannot read it; check its permissions)") from None
+        if p.is_symlink():
+            raise BadInputError(f"{p}: is a broken symlink (to {os.readlink(p)})") from None
+        raise BadInputError(f"{p}: does not exist") from None
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise BadInputError(f"{p}: permission denied (cannot read it; check its permissions)")
     if p.is_dir():
         files = [f for f in p.iterdir() if f.is_file()]
         if not files:
             raise BadInputError(f"{p}: empty folder (expected a DICOM series)")
         if not any(_is_dicom(f) for f in files):
             raise BadInputError(f"{p}: no DICOM files in this folder (expected a DICOM series)")
+        _check_single_series(p)
         return
     size = p.stat().st_size
     if size == 0:
@@ -165,15 +225,24 @@ def _check_nifti_header(p: Path) -> None:
 
 
 class CheckCTImaged(MapTransform):
-    """After loading: require a single-channel 3-D volume (1, H, W, D); warn about non-CT intensities.
+    """After loading, before resampling: require a single-channel 3-D volume (1, H, W, D) of a size the resampling
+    can hold; count NaN/inf voxels; warn about non-CT intensities.
 
     Args:
         keys: image keys (channel-first tensors with metadata, as ``LoadImaged`` gives them).
         min_air_hu: an image whose minimum is above this has no air or fat: warn (not HU?).
         min_max_hu: an image whose maximum is below this has no soft tissue: warn.
+        pixdim: the spacing the preprocessing resamples to (mm); with ``max_resampled_voxels`` it bounds the grid.
+        max_resampled_voxels: refuse an image whose resampled grid (estimated from its shape and spacing) would
+            exceed this many voxels (None: no bound).
+        max_nonfinite_fraction: refuse an image with more NaN/inf voxels than this fraction; fewer are counted
+            in a warning and set to -1024 HU (air).
+        bytes_per_voxel: memory per resampled voxel in the estimate shown (float32 image + 14 float16
+            probability channels of all tasks).
 
     Raises:
-        BadInputError: for 2-D, 4-D or multi-channel images, naming the file.
+        BadInputError: for 2-D, 4-D or multi-channel images, a resampled grid above the bound, an image that is
+            mostly NaN/inf; naming the file.
     """
 
     def __init__(
@@ -182,10 +251,39 @@ class CheckCTImaged(MapTransform):
         min_air_hu: float = -100.0,
         min_max_hu: float = 0.0,
         allow_missing_keys: bool = False,
+        pixdim: Optional[Sequence[float]] = None,
+        max_resampled_voxels: Optional[float] = None,
+        max_nonfinite_fraction: float = 0.5,
+        bytes_per_voxel: int = 32,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.min_air_hu = min_air_hu
         self.min_max_hu = min_max_hu
+        self.pixdim = None if pixdim is None else [float(p) for p in pixdim]
+        self.max_resampled_voxels = None if max_resampled_voxels is None else float(max_resampled_voxels)
+        self.max_nonfinite_fraction = float(max_nonfinite_fraction)
+        self.bytes_per_voxel = int(bytes_per_voxel)
+
+    def _check_grid(self, img: torch.Tensor, source: str) -> None:
+        """Refuse a resampled grid above ``max_resampled_voxels`` (estimated before Spacingd allocates it)."""
+        affine = getattr(img, "affine", None)
+        if self.pixdim is None or self.max_resampled_voxels is None or affine is None:
+            return
+        matrix = torch.as_tensor(affine, dtype=torch.float64)[:3, :3]
+        spacing = torch.linalg.norm(matrix, dim=0).tolist()
+        shape = [int(s) for s in img.shape[1:]]
+        estimate = 1.0
+        for axis, (size, sp) in enumerate(zip(shape, spacing)):
+            target = self.pixdim[int(matrix[:, axis].abs().argmax())]  # the RAS axis this axis becomes
+            estimate *= max(1.0, size * sp / target)
+        if estimate > self.max_resampled_voxels:
+            gb = estimate * self.bytes_per_voxel / 1e9
+            raise BadInputError(
+                f"{source}: spacing {tuple(round(s, 4) for s in spacing)} mm and shape {tuple(shape)} resample to "
+                f"about {estimate:.3g} voxels at {tuple(self.pixdim)} mm (about {gb:.0f} GB), above "
+                f"max_resampled_voxels {self.max_resampled_voxels:.3g}; check the header's spacing, crop the image, "
+                "or raise max_resampled_voxels"
+            )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -203,6 +301,33 @@ class CheckCTImaged(MapTransform):
                     f"{source}: has {shape[0]} channels or time points (shape {shape}); "
                     "DoDNet needs one single-channel 3-D CT volume"
                 )
+            self._check_grid(img, source)
+            finite = torch.isfinite(img)
+            from_file = _nifti_finite_mask(source)  # ITK's NIfTI reader has already turned NaN/inf into 0
+            if from_file is not None and tuple(from_file.shape) == tuple(img.shape[1:]):
+                finite = finite & torch.as_tensor(from_file)[None]
+                nan = int(np.isnan(_nifti_array(source)).sum())
+            else:
+                nan = int(torch.isnan(img).sum())
+            bad = int(finite.numel() - finite.sum())
+            if bad:
+                counts = f"{bad} of {finite.numel()} voxels are not finite ({nan} NaN, {bad - nan} inf)"
+                if bad > self.max_nonfinite_fraction * finite.numel():
+                    raise BadInputError(f"{source}: {counts}; refused (not a usable CT)")
+                message = f"{source}: {counts}; set to -1024 HU (air)"
+                logger.warning(message)
+                warnings.warn(message, NonCTIntensityWarning, stacklevel=2)
+                img = img.clone()
+                img.masked_fill_(~finite, -1024.0)
+                d[key] = img
+            modality = _dicom_modality(source)
+            if modality not in ("", "CT"):
+                message = (
+                    f"{source}: DICOM Modality is {modality}, not CT; DoDNet is trained on CT in Hounsfield units, "
+                    "the segmentation may be meaningless"
+                )
+                logger.warning(message)
+                warnings.warn(message, NonCTIntensityWarning, stacklevel=2)
             low, high = float(img.min()), float(img.max())
             if low > self.min_air_hu or high < self.min_max_hu:
                 message = (
@@ -214,6 +339,32 @@ class CheckCTImaged(MapTransform):
                 logger.warning(message)
                 warnings.warn(message, NonCTIntensityWarning, stacklevel=2)
         return d
+
+
+def _nifti_array(source: str) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(source).dataobj)
+
+
+def _nifti_finite_mask(source: str) -> Optional[np.ndarray]:
+    """Which voxels of a floating-point NIfTI file are finite (None for other files and integer data)."""
+    if not source.lower().endswith((".nii", ".nii.gz")) or not Path(source).is_file():
+        return None
+    import nibabel as nib
+
+    if not np.issubdtype(nib.load(source).get_data_dtype(), np.floating):
+        return None
+    return np.isfinite(_nifti_array(source))
+
+
+def _dicom_modality(source: str) -> str:
+    """The Modality of a DICOM series folder ("" for files and folders without one)."""
+    p = Path(source)
+    if not p.is_dir():
+        return ""
+    modalities = sorted({e["modality"] for e in dicom_series(p).values() if e["modality"]})
+    return "/".join(modalities)
 
 
 def _source_name(img: torch.Tensor, key: Hashable) -> str:
