@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -26,6 +28,7 @@ from helpers.inference import (
 )
 from helpers.paths import BUNDLE_ROOT
 
+from scripts.inference.lock import LOCK_NAME, OutputFolderBusyError, output_folder_lock
 from scripts.inference.runner import is_cohort_input, merge_summaries
 from scripts.inference.writers import remove_stale_temporaries
 
@@ -202,3 +205,96 @@ def test_mgpu_config_merges_on_inference_json():
     assert "partition_dataset" in parser["cases"] and parser["all_cases"]["_target_"] == "scripts.data.find_cases"
     assert any("init_process_group" in step for step in parser["initialize"])
     assert parser["skip_existing"] == "auto" and parser["output_type"] == "nifti"
+
+
+def _held_run(cohort: Path, out: Path, ckpt: Path, started: Path, release: Path) -> subprocess.Popen:
+    """A run into ``out`` in its own process that stops before its first case until ``release`` exists."""
+    child = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path[:0] = [{str(TESTS_DIR)!r}, {str(BUNDLE_ROOT)!r}]
+        from scripts.inference.runner import SegmentationRunner
+        real_run_case = SegmentationRunner.run_case
+        def run_case(self, index, options=None):
+            Path({str(started)!r}).touch()
+            while not Path({str(release)!r}).exists():
+                time.sleep(0.05)
+            return real_run_case(self, index, options)
+        SegmentationRunner.run_case = run_case
+        from helpers.inference import IntensityNet, run_workflow
+        run_workflow({str(cohort)!r}, {str(out)!r}, {str(ckpt)!r}, network_def=IntensityNet(), tasks="liver")
+        """)
+    return subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, f"{path} not created"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_output_folder_is_refused_and_the_first_keeps_its_records(tmp_path):
+    """Two processes against one folder: the second (dodnet-segment) ends with one line naming the folder and the
+    first one's pid before any case; the first finishes and its summary.json lists all its cases."""
+    cohort = _cohort(tmp_path / "cohort", ["a", "b"])
+    out = tmp_path / "out"
+    ckpt = save_checkpoint(IntensityNet(), tmp_path / "stub.pt")
+    started, release = tmp_path / "started", tmp_path / "release"
+    first = _held_run(cohort, out, ckpt, started, release)
+    try:
+        _wait_for(started, first)
+        tiny = save_checkpoint(tiny_dodnet(), tmp_path / "tiny.pt")
+        second = subprocess.run(
+            [sys.executable, "-c", "import sys; from scripts.inference.cli import segment_main; segment_main()"]
+            + [str(cohort), str(out), "--ckpt", str(tiny), "--tasks", "spleen", "--progress", "False"]
+            + [arg for k, v in TINY_NET.items() for arg in (f"--{k}", json.dumps(v))],
+            cwd=BUNDLE_ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        errors = [line for line in second.stderr.splitlines() if line.startswith("dodnet-segment")]
+        assert second.returncode == 2 and errors == [
+            f"dodnet-segment: error: {out}: another run is writing into this output folder "
+            f"(pid {first.pid} on host {socket.gethostname()}); wait for it to finish or pass another output folder"
+        ], second.stderr[-3000:]
+    finally:
+        release.touch()
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err.decode()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["case"] for c in summary["succeeded"]] == ["a", "b"] and summary["options"]["tasks"] == ["liver"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["summary.json"] + [f"{c}_{s}" for c in "ab" for s in ("seg.nii.gz", "report.json")]
+    )  # the lock file went with the run; no output of the refused run
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    cohort = _cohort(tmp_path / "cohort", ["a"])
+    out = tmp_path / "out"
+    ckpt = save_checkpoint(IntensityNet(), tmp_path / "stub.pt")
+    killed = _held_run(cohort, out, ckpt, tmp_path / "started", tmp_path / "never")
+    try:
+        _wait_for(tmp_path / "started", killed)
+        assert (out / LOCK_NAME).read_text().split()[0] == str(killed.pid)
+    finally:
+        killed.kill()
+        killed.communicate(timeout=60)
+    assert (out / LOCK_NAME).exists()  # left behind by the dead run, its kernel lock gone with it
+    summary = run_workflow(str(cohort), out, ckpt, network_def=IntensityNet(), tasks="liver")
+    assert [c["case"] for c in summary["succeeded"]] == ["a"] and not (out / LOCK_NAME).exists()
+
+
+def test_the_lock_is_exclusive_and_released(tmp_path):
+    with output_folder_lock(tmp_path / "out"):
+        with pytest.raises(OutputFolderBusyError, match=f"{tmp_path / 'out'}: another run .*pid {os.getpid()} "):
+            with output_folder_lock(tmp_path / "out"):
+                pass
+    assert list((tmp_path / "out").iterdir()) == []
+    with output_folder_lock(tmp_path / "out"):  # free again
+        pass

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from scripts.cli_errors import check_output_location
 from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
+from scripts.inference.lock import run_lock
 from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
 from scripts.utils import as_bool, root_cause, write_json_atomic
@@ -168,7 +169,15 @@ class SegmentationRunner:
 
     def run(self) -> Dict[str, Any]:
         """Process every case (of this rank's shard); returns (and writes to ``summary.json``) the successes,
-        failures and skipped cases (of all ranks)."""
+        failures and skipped cases (of all ranks).
+
+        The output folders are locked for the run (``scripts.inference.lock``): a second run into the same
+        folder is refused before any case instead of overwriting this run's ``summary.json``.
+        """
+        with run_lock([self.writer.output_dir, self.output_dir]):
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
         dist = _distributed()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
         for folder in {self.writer.output_dir, self.output_dir}:  # a file in its place, not writable: no case runs
