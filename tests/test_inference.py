@@ -217,3 +217,42 @@ def test_weights_formats_and_weights_only(tmp_path):
         read_state_dict(tmp_path / "pickle.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_network_weights(torch.nn.Linear(2, 2), tmp_path / "wTrue.pt")
+
+
+def test_body_crop_skips_air_and_writes_the_same_files_with_phase_times(tmp_path):
+    """A small body in a wide field of air: the crop keeps a fraction of the grid, runs fewer windows, and the
+    label map is the uncropped run's voxel for voxel, in the input's geometry; the report's phases add up."""
+    hu = np.full((96, 90, 24), -1000.0, dtype=np.float32)
+    hu[30:62, 28:60, 2:22] = phantom((32, 32, 20))  # body (with its own organ/tumor boxes) off-centre in air
+    affine = affine_for((0.8, 0.8, 1.5), "oblique")
+    src = write_nifti(tmp_path / "ct.nii.gz", hu, affine)
+    labels, reports, calls = {}, {}, {}
+    for crop in (True, False):
+        stub = IntensityNet()
+        out = tmp_path / f"out_{crop}"
+        summary = run_workflow(
+            str(src),
+            out,
+            save_checkpoint(stub, tmp_path / "s.pt"),
+            network_def=stub,
+            tasks="liver",
+            body_crop=crop,
+            patch_size=[32, 32, 16],
+            precision="fp32",
+        )
+        calls[crop] = stub.calls
+        labels[crop] = nib.load(str(out / "ct_seg.nii.gz"))
+        reports[crop] = json.loads((out / "ct_report.json").read_text())
+        (case,) = summary["succeeded"]
+        phases = reports[crop]["seconds"]
+        assert set(phases) == {"load", "preprocess", "network", "postprocess", "invert", "write", "total"}
+        assert abs(phases["total"] - sum(v for k, v in phases.items() if k != "total")) < 0.01
+        assert abs(phases["total"] - case["seconds"]) <= max(0.05 * case["seconds"], 0.05)
+        assert case["phases"] == phases
+    assert np.array_equal(np.asarray(labels[True].dataobj), np.asarray(labels[False].dataobj))
+    assert np.allclose(labels[True].affine, affine, atol=1e-4) and labels[True].shape == hu.shape
+    assert (np.asarray(labels[True].dataobj) > 0).sum() > 0
+    crop = reports[True]["body_crop"]
+    assert crop["enabled"] and 0.1 < crop["fraction"] < 0.6
+    assert reports[False]["body_crop"] == {"enabled": False, "fraction": 1.0}
+    assert calls[True] < calls[False]

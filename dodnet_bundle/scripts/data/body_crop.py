@@ -85,6 +85,9 @@ class BodyCropd(CropForegroundd):
         margin: voxels kept around the body in each axis (clipped at the image border).
         downsample: stride of the copy the body is found on.
         enabled: False keeps every image whole (a no-op, so configs can switch the crop by an id).
+
+    Adds ``body_crop`` to the data: ``start``, ``end`` (the box on the resampled grid), ``grid_shape`` and the
+    ``fraction`` of the grid's voxels kept (for the case report).
     """
 
     def __init__(
@@ -108,3 +111,17 @@ class BodyCropd(CropForegroundd):
             allow_missing_keys=allow_missing_keys,
         )
         self.enabled = bool(enabled)
+
+    def __call__(self, data, lazy=None):  # type: ignore[override]
+        grid = [int(s) for s in data[self.source_key].shape[1:]]
+        out = super().__call__(data, lazy=lazy)
+        kept = [int(s) for s in out[self.source_key].shape[1:]]
+        start = [int(v) for v in out.get(self.start_coord_key, [0] * len(grid))]
+        out["body_crop"] = {
+            "enabled": self.enabled,
+            "start": start,
+            "end": [s + k for s, k in zip(start, kept)],
+            "grid_shape": grid,
+            "fraction": float(np.prod(kept) / max(1, np.prod(grid))),
+        }
+        return out

@@ -143,6 +143,9 @@ def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
         extra = f" (warning: {'; '.join(case['warnings'])})" if case.get("warnings") else ""
         main = case["outputs"].get("label_map") or case["outputs"].get("dicom_seg") or case["outputs"]["report"]
         print(f"  ok      {case['case']}: {main}{extra}")
+        phases = {k: v for k, v in case.get("phases", {}).items() if k != "total"}
+        if phases:
+            print("          " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + f" ({case['seconds']:.1f} s)")
     for case in skipped:
         print(f"  skipped {case['case']}: finished earlier with the same options")
     for case in bad:

@@ -1,9 +1,10 @@
 """The inference loop of ``configs/inference.json``: case by case, one bad case never costs the others.
 
 ``SegmentationRunner.run()`` loads the weights (a missing checkpoint stops the run before any case),
-then for each case: cheap input checks -> preprocessing (``dataset[i]``) -> task-aware sliding-window
+then for each case: cheap input checks -> preprocessing (the dataset's chain) -> task-aware sliding-window
 inference -> postprocessing (threshold, published rules, merge, inversion to the input geometry) ->
-``SegmentationWriter``. A failing case is recorded with a message naming its file and the run goes
+``SegmentationWriter``, each phase timed (``scripts.inference.timing``: the report's ``seconds``, the
+summary's ``phases``). A failing case is recorded with a message naming its file and the run goes
 on; ``summary.json`` lists successes, failures and skipped cases; with ``fail_on_error`` the run raises
 at the end if any case failed (nonzero exit of ``monai.bundle run``).
 
@@ -30,6 +31,7 @@ from torch.utils.data import Dataset
 
 from scripts.cli_errors import check_output_location
 from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
+from scripts.inference.timing import PhaseTimer, postprocessing_phase, preprocessing_phase
 from scripts.inference.lock import run_lock
 from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
@@ -146,26 +148,36 @@ class SegmentationRunner:
         Warnings about non-CT intensities go into the report (``warnings``), which the writer writes last.
         """
         item = self.dataset.data[index]  # type: ignore[attr-defined]
+        timer = PhaseTimer(self._device())
         check_case = getattr(self.writer, "check_case", None)
-        if check_case is not None:
-            check_case(item["image"])
-        check_input(item["image"])
+        with timer.phase("load"):  # the cheap checks read the file once
+            if check_case is not None:
+                check_case(item["image"])
+            check_input(item["image"])
+        transform = getattr(self.dataset, "transform", None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                data = self.dataset[index]
+                if transform is None:
+                    with timer.phase("preprocess"):
+                        data = self.dataset[index]
+                else:  # the dataset's own chain, one step at a time: loading and preprocessing timed apart
+                    data = timer.run_chain(transform, dict(item), preprocessing_phase)
             except Exception as e:
                 if isinstance(root_cause(e), BadInputError):
                     raise
                 message = describe_error(e).replace(f" for file: {item['image']}", "")
                 kind = "DICOM series" if Path(item["image"]).is_dir() else "image"
                 raise BadInputError(f"{item['image']}: cannot load or preprocess this {kind} ({message})") from e
-            with torch.no_grad():
+            with torch.no_grad(), timer.phase("network"):
                 data["pred"] = self.inferer(data["image"][None], self.network)[0]
-            data = self.postprocessing(data)
+            data = timer.run_chain(self.postprocessing, data, postprocessing_phase)
         notes = sorted({str(w.message) for w in caught if issubclass(w.category, NonCTIntensityWarning)})
         options = self.case_options() if options is None else options
-        return self.writer(data, item["case"], input=str(item["image"]), options=options, warnings=notes)
+        crop = data.get("body_crop", {"enabled": False, "fraction": 1.0})  # the grid's share the windows covered
+        return self.writer(
+            data, item["case"], input=str(item["image"]), options=options, warnings=notes, timer=timer, body_crop=crop
+        )
 
     def run(self) -> Dict[str, Any]:
         """Process every case (of this rank's shard); returns (and writes to ``summary.json``) the successes,
@@ -223,6 +235,7 @@ class SegmentationRunner:
                     "input": str(item["image"]),
                     "outputs": report["outputs"],
                     "seconds": round(time.time() - start, 2),
+                    "phases": report.get("seconds", {}),
                     "warnings": report.get("warnings", []),
                     **where,
                 }

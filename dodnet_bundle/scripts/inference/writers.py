@@ -26,6 +26,7 @@ from scripts.data.cases import BadInputError
 from scripts.inference.dicom_seg import dicom_seg_source_problem, parse_output_type
 from scripts.inference.preview import render_preview
 from scripts.inference.report import case_report
+from scripts.inference.timing import PhaseTimer
 from scripts.tasks import merged_label_names, resolve_tasks
 from scripts.utils import as_bool, atomic_output, write_json_atomic
 
@@ -202,7 +203,19 @@ class SegmentationWriter:
         path.unlink(missing_ok=True)
         return [p for p in listed if p.parent == self.output_dir and p.name.startswith(f"{case}_")]
 
-    def __call__(self, data: Dict[str, Any], case: str, **info: Any) -> Dict[str, Any]:
+    def __call__(
+        self, data: Dict[str, Any], case: str, timer: Optional[PhaseTimer] = None, **info: Any
+    ) -> Dict[str, Any]:
+        """Write the case's files, then its report (with ``timer``'s phases, the writing included) last."""
+        timer = timer if timer is not None else PhaseTimer()
+        with timer.phase("write"):
+            report = self._write(data, case, info)
+        report["seconds"] = timer.report()
+        write_json_atomic(report, self.path(case, "report.json"))  # last: the commit marker
+        return report
+
+    def _write(self, data: Dict[str, Any], case: str, info: Dict[str, Any]) -> Dict[str, Any]:
+        """Every output file of the case; returns its report (not yet written)."""
         retired = self._retire(case)
         label = data["pred"]
         affine = _affine(label)
@@ -244,7 +257,6 @@ class SegmentationWriter:
         report["writer"] = self.settings()
         for stale in set(retired) - {Path(p) for p in report["outputs"].values()}:
             stale.unlink(missing_ok=True)  # outputs of the old options this run no longer writes
-        write_json_atomic(report, self.path(case, "report.json"))  # last: the commit marker
         return report
 
     def _dicom_seg(
