@@ -213,3 +213,50 @@ def test_realistic_synth_case_has_mots_sizes():
         assert case.image.dtype == np.int16 and case.label.shape == case.image.shape
         assert 0.6 <= spacing[0] == spacing[1] <= 1.0 and 0.7 <= spacing[2] <= 5.0
         assert set(np.unique(case.label).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_fast_gaussian_smooth_is_monais_filter(prob):
+    """``scripts.data.augment.RandGaussianSmoothd``: MONAI's draws (which samples, which sigmas) and its output."""
+    from monai.data import MetaTensor
+    from monai.transforms import RandGaussianSmoothd
+
+    from scripts.data.augment import RandGaussianSmoothd as FastSmooth
+
+    args = dict(keys="image", prob=prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0))
+    reference, fast = RandGaussianSmoothd(**args).set_random_state(7), FastSmooth(**args).set_random_state(7)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 1.5, 1.0], dtype=torch.float64))
+    changed = 0
+    for seed in range(8):
+        image = MetaTensor(torch.randn(1, 24, 20, 12, generator=torch.Generator().manual_seed(seed)), affine=affine)
+        expected, out = reference({"image": image})["image"], fast({"image": image})["image"]
+        assert isinstance(out, MetaTensor) and out.dtype == torch.float32 and out.shape == image.shape
+        torch.testing.assert_close(out.as_tensor(), expected.as_tensor(), rtol=0, atol=1e-5)
+        assert torch.equal(out.affine, affine)
+        changed += int(not torch.equal(out.as_tensor(), image.as_tensor()))
+    assert changed == 8 if prob == 1.0 else 0 < changed < 8
+    assert (fast.rand_smooth.x, fast.rand_smooth.y, fast.rand_smooth.z) == (
+        reference.rand_smooth.x,
+        reference.rand_smooth.y,
+        reference.rand_smooth.z,
+    )
+
+
+def test_train_config_on_preprocessed_patches(preprocessed):
+    """train.json with ``preprocessed_dir``: published augmentations, label values checked once (by preprocessing)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandGaussianSmoothd
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "preprocessed_dir": str(preprocessed), "patch_size": [24, 24, 12]})
+    smooth = [t for t in parser.get_parsed_content("train#augmentations") if isinstance(t, RandGaussianSmoothd)]
+    assert len(smooth) == 1 and smooth[0].prob == 0.2 and smooth[0].rand_smooth.sigma_x == [0.5, 1.0]
+    assert parser.get_parsed_content("map_task_labels").check_values is False
+    dataset = parser.get_parsed_content("train#dataset")
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample["image"].shape == (1, 24, 24, 12) and sample["label"].shape == (2, 24, 24, 12)
+        assert sample["image"].dtype == sample["label"].dtype == torch.float32
+    parser.update({"preprocessed_dir": ""})
+    assert parser.get_parsed_content("map_task_labels").check_values is True
