@@ -1,8 +1,8 @@
 """The training data path at MOTS scale: preprocessing, disk, per-sample CPU cost, loader rate, RSS per rank.
 
-Generates N MOTS-sized synthetic CTs (``scripts.data.synth.realistic_case``: 512 x 512 at 0.6-1.0 mm,
-40-``max_slices`` slices at 0.7-5 mm) in a temporary folder, preprocesses them with ``dodnet-preprocess`` and
-reports:
+Generates N MOTS-sized synthetic CTs (``scripts.data.synth.generate_case`` with ``size="realistic"``: 512 x 512
+at 0.6-1.0 mm, 40-``max_slices`` slices at 0.7-5 mm) in a temporary folder, preprocesses them with
+``dodnet-preprocess`` and reports:
 
 - preprocessing wall seconds per case and disk bytes per case and per resampled voxel (target <= 3);
 - CPU ms per [192, 192, 64] training sample (``LoadPatchd`` + ``train#augmentations`` + label mapping, one
@@ -43,12 +43,12 @@ def generate(root: Path, cases: int, max_slices: int) -> Path:
     rank of the 2-rank run)."""
     import nibabel as nib
 
-    from scripts.data.synth import realistic_case
+    from scripts.data.synth import generate_case
 
     items = []
     for index in range(cases):
         spec = TASKS[index % len(TASKS)]
-        case = realistic_case(spec, np.random.default_rng(index), max_slices=max_slices)
+        case = generate_case(spec, np.random.default_rng(index), size="realistic", max_slices=max_slices)
         for kind, array in (("images", case.image), ("labels", case.label)):
             (root / kind).mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(array, case.affine), str(root / kind / f"case{index:03d}.nii"))

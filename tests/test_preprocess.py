@@ -203,18 +203,6 @@ def test_cases_per_task_is_a_deterministic_spread():
         cases_per_task(items, 0)
 
 
-def test_realistic_synth_case_has_mots_sizes():
-    from scripts.data.synth import realistic_case
-
-    for seed in range(3):
-        case = realistic_case("kidney", np.random.default_rng(seed), max_slices=60)
-        spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
-        assert case.image.shape[:2] == (512, 512) and 40 <= case.image.shape[2] <= 60
-        assert case.image.dtype == np.int16 and case.label.shape == case.image.shape
-        assert 0.6 <= spacing[0] == spacing[1] <= 1.0 and 0.7 <= spacing[2] <= 5.0
-        assert set(np.unique(case.label).tolist()) == {0, 1, 2}
-
-
 @pytest.mark.parametrize("prob", [1.0, 0.5])
 def test_fast_gaussian_smooth_is_monais_filter(prob):
     """``scripts.data.augment.RandGaussianSmoothd``: MONAI's draws (which samples, which sigmas) and its output."""

@@ -3,6 +3,7 @@ generation is deterministic and cached, and the geometry survives the bundle's p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -172,3 +173,55 @@ def test_bad_arguments() -> None:
         ensure_mots_synth("unused", fov_mm=(10, 10, 10))
     with pytest.raises(ValueError, match="unknown task"):
         ensure_mots_synth("unused", tasks="brain")
+    with pytest.raises(ValueError, match="size must be one of"):
+        ensure_mots_synth("unused", size="huge")
+    with pytest.raises(ValueError, match="max_slices"):
+        generate_case("liver", np.random.default_rng(0), size="realistic", max_slices=0)
+
+
+DEMO_SHA256 = "9cbad8fa8694d80e"
+"""Leading hex digits of the SHA-256 of the demo cases below (image, label, affine, structures), as generated
+before ``size`` existed: the default output must not change without a new ``SYNTH_VERSION``."""
+
+
+def test_default_size_is_the_demo_output_bit_for_bit() -> None:
+    digest = hashlib.sha256()
+    for task in ("liver", "spleen", "hepatic_vessel"):
+        for seed in range(2):
+            default = generate_case(task, case_rng(seed, 0, "training", seed))
+            demo = generate_case(task, case_rng(seed, 0, "training", seed), size="demo")
+            for a, b in zip(default, demo):
+                np.testing.assert_array_equal(a, b)
+                digest.update(np.ascontiguousarray(a).tobytes())
+    assert digest.hexdigest()[:16] == DEMO_SHA256
+
+
+def test_realistic_cases_have_mots_sizes() -> None:
+    slices = []
+    for seed in range(4):
+        case = generate_case("kidney", np.random.default_rng(seed), size="realistic", max_slices=60)
+        spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+        assert case.image.shape[:2] == (512, 512) and 40 <= case.image.shape[2] <= 60
+        assert case.image.dtype == np.int16 and case.label.dtype == np.uint8
+        assert case.label.shape == case.structures.shape == case.image.shape
+        assert 0.6 <= spacing[0] == spacing[1] <= 1.0 and 0.7 <= spacing[2] <= 5.0
+        assert set(np.unique(case.label).tolist()) == {0, 1, 2}
+        assert case.image.shape[2] * spacing[2] >= min(150.0, 60 * spacing[2])  # 150-1000 mm unless capped
+        slices.append(case.image.shape[2])
+    assert len(set(slices)) > 1
+
+
+def test_realistic_data_set_through_synth_options(tmp_path: Path) -> None:
+    """``train.json``'s ``synth_options`` reach ``ensure_mots_synth``: a cached realistic data set of its own."""
+    from scripts.data.datalist import load_datalist
+
+    options = {"num_per_task": 1, "num_val_per_task": 0, "num_test_per_task": 0, "tasks": "spleen"}
+    items = load_datalist("", cache_dir=tmp_path, synth_options={**options, "size": "realistic", "max_slices": 41})
+    assert len(items) == 1 and items[0]["task"] == "spleen"
+    image = nib.load(items[0]["image"])
+    assert image.shape[:2] == (512, 512) and 40 <= image.shape[2] <= 41
+    folder = Path(items[0]["image"]).parent.parent
+    assert folder.name.endswith("_realistic41")
+    assert json.loads((folder / "synth.json").read_text())["size"] == "realistic"
+    demo = ensure_mots_synth(tmp_path, **options)
+    assert demo.parent != folder and "size" not in json.loads((demo.parent / "synth.json").read_text())

@@ -19,6 +19,10 @@ are plausible contrast-enhanced CT values: air -1000, lung about -800, fat about
 vessels 180-250, bone 250-800; tumors are hypo- or hyper-dense; organ shapes, sizes, positions and
 textures are random and Gaussian noise is added.
 
+``size="realistic"`` (``generate_case``, ``ensure_mots_synth`` and so ``train.json``'s ``synth_options``) puts the
+same phantoms on MOTS-sized grids instead: 512 x 512 in-plane at 0.6-1.0 mm, 40-900 slices at 0.7-5 mm, for
+benchmarking preprocessing, disk and loaders at real CT sizes (the detail stays that of the miniature phantom).
+
 ``ensure_mots_synth`` generates a data set once into a cache folder and returns its datalist.
 """
 
@@ -48,9 +52,8 @@ __all__ = [
     "SPLITS",
     "case_rng",
     "SynthCase",
-    "generate_case",
     "SIZE_MODES",
-    "realistic_case",
+    "generate_case",
     "ensure_mots_synth",
 ]
 
@@ -422,22 +425,14 @@ class SynthCase(NamedTuple):
     structures: np.ndarray
 
 
-def generate_case(
-    task: Union[str, int, TaskSpec], rng: np.random.Generator, fov_mm: Sequence[float] = DEFAULT_FOV_MM
-) -> "SynthCase":
-    """One synthetic CT volume with its task's label, in a random anisotropic spacing and storage order.
+SIZE_MODES: Tuple[str, ...] = ("demo", "realistic")
+"""``demo``: miniature volumes (at most 64 x 64 x 32 voxels after resampling); ``realistic``: MOTS-sized grids."""
 
-    Args:
-        task: the task (name or id) whose source convention the label follows.
-        rng: the case's random generator.
-        fov_mm: field of view in mm.
+DEFAULT_MAX_SLICES = 900
 
-    Returns:
-        a ``SynthCase``: int16 (X, Y, Z) HU image, uint8 (X, Y, Z) label with the task's source values,
-        the 4x4 voxel-to-world (RAS mm) affine shared by both and the phantom's structure map; arrays
-        are stored in RAS or LPS order (chosen at random, as real CT archives mix them).
-    """
-    spec = task if isinstance(task, TaskSpec) else resolve_task(task)
+
+def _demo_case(spec: TaskSpec, rng: np.random.Generator, fov_mm: Sequence[float]) -> SynthCase:
+    """A miniature case: ``fov_mm`` sampled at 0.7-0.9 mm in-plane and 1.5-2.5 mm between slices."""
     spacing = (rng.uniform(0.7, 0.9),) * 2 + (rng.uniform(1.5, 2.5),)
     for _ in range(20):
         phantom = make_phantom(rng, spacing, fov_mm)
@@ -462,24 +457,18 @@ def generate_case(
     return SynthCase(image, label, affine, structures)
 
 
-SIZE_MODES = ("default", "realistic")
-"""``default``: the miniature volumes above; ``realistic``: MOTS-sized grids (``realistic_case``)."""
-
-
-def realistic_case(task: Union[str, int, TaskSpec], rng: np.random.Generator, max_slices: int = 900) -> SynthCase:
-    """A case on a MOTS-sized grid: 512 x 512 in-plane at 0.6-1.0 mm, 40-900 slices at 0.7-5 mm.
+def _realistic_case(spec: TaskSpec, rng: np.random.Generator, fov_mm: Sequence[float], max_slices: int) -> SynthCase:
+    """A case on a MOTS-sized grid: 512 x 512 in-plane at 0.6-1.0 mm, 40-``max_slices`` slices at 0.7-5 mm.
 
     The slice spacing is drawn first and the slice count within 40-``max_slices`` so that the scan covers
-    150-1000 mm, as real CTs do. The phantom is sampled on a coarse grid (64 x 64 x 32 voxels) and stretched to the
-    full grid with nearest-neighbour indexing, plus per-slice scanner noise: the arrays have real CT sizes (for
-    benchmarking preprocessing, disk and loaders), not real CT detail. Same outputs as ``generate_case``.
+    150-1000 mm, as real CTs do. A miniature phantom (``_demo_case``) is stretched to the full grid with
+    nearest-neighbour indexing, plus per-slice scanner noise: the arrays have real CT sizes, not real CT detail.
     """
-    spec = task if isinstance(task, TaskSpec) else resolve_task(task)
     in_plane, slice_mm = rng.uniform(0.6, 1.0), rng.uniform(0.7, 5.0)
     low = int(np.clip(np.ceil(150.0 / slice_mm), 40, max_slices))
     high = int(np.clip(np.floor(1000.0 / slice_mm), low, max_slices))
     shape = (512, 512, int(rng.integers(low, high + 1)))
-    coarse = generate_case(spec, rng)
+    coarse = _demo_case(spec, rng, fov_mm)
     index = np.ix_(*[np.minimum((np.arange(n) * c) // n, c - 1) for n, c in zip(shape, coarse.image.shape)])
     noise = np.round(rng.normal(0.0, 8.0, size=(4, 512, 512))).astype(np.int16)
     image = coarse.image[index]
@@ -491,6 +480,46 @@ def realistic_case(task: Union[str, int, TaskSpec], rng: np.random.Generator, ma
     centre = coarse.affine[:3, :3] @ ((np.array(coarse.image.shape) - 1) / 2.0) + coarse.affine[:3, 3]
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
     return SynthCase(image, coarse.label[index], affine, coarse.structures[index])
+
+
+def _check_size(size: str, max_slices: int) -> None:
+    if size not in SIZE_MODES:
+        raise ValueError(f"size must be one of {list(SIZE_MODES)}, got {size!r}")
+    if int(max_slices) != max_slices or max_slices < 1:
+        raise ValueError(f"max_slices must be a positive integer, got {max_slices!r}")
+
+
+def generate_case(
+    task: Union[str, int, TaskSpec],
+    rng: np.random.Generator,
+    fov_mm: Sequence[float] = DEFAULT_FOV_MM,
+    size: str = "demo",
+    max_slices: int = DEFAULT_MAX_SLICES,
+) -> SynthCase:
+    """One synthetic CT volume with its task's label, in a random anisotropic spacing and storage order.
+
+    Args:
+        task: the task (name or id) whose source convention the label follows.
+        rng: the case's random generator.
+        fov_mm: field of view in mm of the phantom.
+        size: ``"demo"``: ``fov_mm`` at 0.7-0.9 mm in-plane and 1.5-2.5 mm between slices (at most
+            64 x 64 x 32 voxels after the bundle's resampling); ``"realistic"``: the phantom stretched to a
+            MOTS-sized grid, 512 x 512 at 0.6-1.0 mm, 40-``max_slices`` slices at 0.7-5 mm covering 150-1000 mm.
+        max_slices: upper bound of a realistic case's slice count (also below 40, for quick tests).
+
+    Returns:
+        a ``SynthCase``: int16 (X, Y, Z) HU image, uint8 (X, Y, Z) label with the task's source values,
+        the 4x4 voxel-to-world (RAS mm) affine shared by both and the phantom's structure map; arrays
+        are stored in RAS or LPS order (chosen at random, as real CT archives mix them).
+
+    Raises:
+        ValueError: an unknown ``size`` or a ``max_slices`` below 1.
+    """
+    _check_size(size, max_slices)
+    spec = task if isinstance(task, TaskSpec) else resolve_task(task)
+    if size == "realistic":
+        return _realistic_case(spec, rng, fov_mm, int(max_slices))
+    return _demo_case(spec, rng, fov_mm)
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -538,6 +567,8 @@ def ensure_mots_synth(
     num_test_per_task: int = 2,
     tasks: Union[None, str, Sequence[Union[str, int]]] = None,
     fov_mm: Sequence[float] = DEFAULT_FOV_MM,
+    size: str = "demo",
+    max_slices: int = DEFAULT_MAX_SLICES,
 ) -> Path:
     """Generate MOTS-synth into ``cache_dir`` once and return the path of its datalist JSON.
 
@@ -554,7 +585,9 @@ def ensure_mots_synth(
         num_val_per_task: validation volumes per task.
         num_test_per_task: held-out test volumes per task.
         tasks: the tasks to generate (default: all seven; names, ids or a comma-separated string).
-        fov_mm: field of view of each volume in mm (x, y, z).
+        fov_mm: field of view of each volume's phantom in mm (x, y, z).
+        size: ``"demo"`` (miniature volumes) or ``"realistic"`` (MOTS-sized grids), see ``generate_case``.
+        max_slices: upper bound of a realistic volume's slice count.
 
     Returns:
         the datalist JSON path: ``{"training": [...], "validation": [...], "test": [...]}``, items
@@ -564,6 +597,7 @@ def ensure_mots_synth(
     from scripts.tasks import resolve_tasks
 
     counts = _split_counts(num_per_task, num_val_per_task, num_test_per_task)
+    _check_size(size, max_slices)
     specs = resolve_tasks(tasks)
     fov = tuple(float(f) for f in fov_mm)
     if len(fov) != 3 or min(fov) < 32.0:
@@ -573,6 +607,8 @@ def ensure_mots_synth(
         name += "_" + "-".join(str(s.id) for s in specs)
     if fov != DEFAULT_FOV_MM:
         name += "_fov" + "x".join(f"{f:g}" for f in fov)
+    if size != "demo":
+        name += f"_{size}" + (f"{int(max_slices)}" if int(max_slices) != DEFAULT_MAX_SLICES else "")
     root = Path(cache_dir).expanduser() / name
     datalist_path = root / "datalist.json"
     if _complete(datalist_path):
@@ -588,12 +624,15 @@ def ensure_mots_synth(
                     case = f"{spec.name}_{split[:5]}_{index:03d}"
                     item = {"image": f"images/{case}.nii.gz", "label": f"labels/{case}.nii.gz", "task": spec.name}
                     if not ((root / item["image"]).is_file() and (root / item["label"]).is_file()):
-                        case_data = generate_case(spec, case_rng(seed, spec.id, split, index), fov)
+                        rng = case_rng(seed, spec.id, split, index)
+                        case_data = generate_case(spec, rng, fov, size, int(max_slices))
                         _save_nifti(case_data.image, case_data.affine, root / item["image"])
                         _save_nifti(case_data.label, case_data.affine, root / item["label"])
                     datalist[split].append(item)
         params = {"version": SYNTH_VERSION, "seed": int(seed), "cases_per_task": counts, "fov_mm": list(fov)}
         params["tasks"] = [s.name for s in specs]
+        if size != "demo":  # demo data sets keep their earlier synth.json
+            params.update(size=size, max_slices=int(max_slices))
         write_json_atomic(params, root / "synth.json")
         write_json_atomic(datalist, datalist_path)
     return datalist_path
