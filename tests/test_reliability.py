@@ -226,14 +226,42 @@ def test_threads_default_to_the_affinity_share_and_are_applied_by_the_configs():
     assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
     with pytest.raises(ValueError, match="positive integer"):
         set_threads(-2)
+    for name in ("train.json", "evaluate.json"):  # a run step: scripts is importable only after initialize
+        config = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / name))
+        assert {"_target_": "scripts.utils.set_threads", "threads": "@threads"}.items() <= config["run"][0].items()
     for name in ("inference.json", "train.json"):
         config = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / name))
-        assert config["threads"] is None
-        assert {"_target_": "scripts.utils.set_threads", "threads": "@threads"}.items() <= config["initialize"][
-            -1
-        ].items()
+        assert config["threads"] is None and not any("set_threads" in str(step) for step in config["initialize"])
     set_threads(None)
     assert torch.get_num_threads() <= default_threads()
+
+
+@pytest.mark.parametrize("configs", [["inference.json"], ["inference.json", "mgpu_inference.json"]])
+def test_building_the_inferer_applies_threads_as_monai_label_builds_it(configs):
+    """MONAI Label's BundleInferTask builds ``inferer`` (and ``network_def``, ``preprocessing``) from the parsed
+    config without running ``initialize``: building the inferer sets the threads; null is the affinity share."""
+    import itk
+    from monai.bundle import ConfigParser
+
+    from scripts.utils import default_threads, set_threads
+
+    def build_inferer(threads):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in configs])
+        parser.update({"bundle_root": str(BUNDLE_ROOT), "threads": threads, "device": "$torch.device('cpu')"})
+        return parser.get_parsed_content("inferer")
+
+    try:
+        set_threads(2)
+        build_inferer(1)
+        assert torch.get_num_threads() == 1 and itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+        build_inferer(None)
+        assert torch.get_num_threads() == min(default_threads(), int(os.environ.get("OMP_NUM_THREADS") or 10**6))
+        with pytest.raises(Exception) as info:
+            build_inferer(-3)
+        assert "threads must be a positive integer, got -3" in str(info.value.__cause__ or info.value)
+    finally:
+        set_threads(None)
 
 
 def test_no_swig_warning_at_exit():

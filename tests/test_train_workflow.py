@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -177,7 +178,7 @@ def test_one_tiny_epoch_through_bundle_run(tmp_path, tiny_data):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     last = _load(tmp_path / "models" / "checkpoint_epoch=1.pt")
-    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model_saver"}
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model_saver", "evaluator_best"}
     assert len(next(iter(last["best_model_saver"].values()))) == 1  # the best model's (score, name) record
     assert _epoch(last) == 1 and last["lr_scheduler"]["last_epoch"] == 1
     group = last["optimizer"]["param_groups"][0]
@@ -256,6 +257,33 @@ def test_resume_after_sigkill(tmp_path, tiny_data):
     assert sorted(p.name for p in ckpt_dir.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=2.pt"]  # one kept
     final = _load(ckpt_dir / "checkpoint_epoch=2.pt")
     assert _epoch(final) == 2 and final["lr_scheduler"]["last_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_resumed_run_keeps_the_best_metric_of_the_first(tmp_path, tiny_data, caplog):
+    """Run 1 (one epoch) sets the best validation Dice; run 2 resumes it for epoch 2 with every prediction empty
+    (threshold above any probability: Dice 0, no better than run 1's): no "new best" is logged, the evaluator's
+    best metric and epoch are run 1's, and models/model.pt keeps run 1's weights."""
+    first = _bundle_run(_overrides(tmp_path, tiny_data))
+    log1 = first.stdout + first.stderr
+    assert first.returncode == 0, log1[-4000:]
+    saved = _load(tmp_path / "models" / "checkpoint_epoch=1.pt")["evaluator_best"]
+    assert saved["best_metric_epoch"] == 1 and f"Got new best metric of val_mean_dice: {saved['best_metric']}" in log1
+    best_model = _load(tmp_path / "models" / "model.pt")
+
+    empty = {"validate#postprocessing_steps#1#threshold": 1.1}
+    overrides = _overrides(tmp_path, tiny_data, epochs=2, **empty)
+    workflow = ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", logging_file=False, **overrides)
+    workflow.initialize()
+    with caplog.at_level(logging.INFO):
+        workflow.run()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.epoch == 2 and evaluator.state.metrics["val_mean_dice"] == 0.0
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (saved["best_metric"], 1)
+    assert "Got new best metric" not in caplog.text and "restored best metric" in caplog.text
+    final = _load(tmp_path / "models" / "checkpoint_epoch=2.pt")
+    assert _epoch(final) == 2 and final["evaluator_best"] == saved
+    assert all(torch.equal(v, best_model[k]) for k, v in _load(tmp_path / "models" / "model.pt").items())
 
 
 @pytest.mark.slow

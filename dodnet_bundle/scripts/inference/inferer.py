@@ -34,7 +34,7 @@ from scripts.networks.acceleration import (
     to_channels_last,
 )
 from scripts.tasks import TaskSpec, resolve_tasks
-from scripts.utils import as_bool
+from scripts.utils import as_bool, set_threads
 
 __all__ = ["TaskSlidingWindowInferer", "flip_combinations"]
 
@@ -110,6 +110,11 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         progress: per-window progress bar.
         cpu_thresh: stitch on the CPU when the volume has more voxels than this (None: only after an OOM).
         buffer_steps, buffer_dim: as ``SlidingWindowInferer``.
+        threads: CPU threads of torch and ITK for this process, set when the inferer is built
+            (``scripts.utils.set_threads``; 0: the CPUs the process may use). None (default): left as they are.
+            inference.json passes its ``threads`` here, so every consumer of the config that builds the inferer
+            (``monai.bundle run``, ``dodnet-segment``, MONAI Label's ``BundleInferTask``, which runs no
+            ``initialize``) gets the setting.
 
     Call:
         inputs: (B, 1, H, W, D) preprocessed CT, any size (padded internally to one window).
@@ -143,7 +148,10 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         cpu_thresh: Optional[int] = None,
         buffer_steps: Optional[int] = None,
         buffer_dim: int = -1,
+        threads: Optional[Union[int, str]] = None,
     ) -> None:
+        if threads is not None:
+            set_threads(threads)
         super().__init__(
             roi_size=roi_size,
             sw_batch_size=sw_batch_size,

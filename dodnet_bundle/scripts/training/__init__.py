@@ -11,6 +11,7 @@ _EXPORTS = {
     "latest_checkpoint": "checkpoints",
     "BestModelSaver": "checkpoints",
     "LastCheckpointSaver": "checkpoints",
+    "EvaluatorBestMetric": "checkpoints",
     "controller_task_columns": "finetune",
     "expand_task_checkpoint": "finetune",
     "load_pretrained_dodnet": "finetune",

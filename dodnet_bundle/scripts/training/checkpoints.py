@@ -1,16 +1,28 @@
-"""Resuming training: the checkpoint a killed run restarts from, and a best-model saver whose tracking survives."""
+"""Resuming training: the checkpoint a killed run restarts from, a best-model saver whose tracking survives, and the
+evaluator's best metric carried over (so a resumed run logs "new best" only for a better score)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
+from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
-__all__ = ["LAST_CHECKPOINT_PATTERN", "latest_checkpoint", "BestModelSaver", "LastCheckpointSaver"]
+__all__ = [
+    "LAST_CHECKPOINT_PATTERN",
+    "latest_checkpoint",
+    "BestModelSaver",
+    "LastCheckpointSaver",
+    "EvaluatorBestMetric",
+]
+
+logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT_PATTERN = r"^checkpoint_epoch=(\d+)\.pt$"
 """Names written by ``CheckpointSaver(save_interval=1, epoch_level=True)`` without ``file_prefix``."""
@@ -69,3 +81,54 @@ class LastCheckpointSaver(CheckpointSaver):
             match = regex.match(path.name)
             if match and int(match.group(1)) < engine.state.epoch:
                 path.unlink(missing_ok=True)
+
+
+class EvaluatorBestMetric:
+    """The evaluator's best key metric (``state.best_metric`` / ``best_metric_epoch``), kept in the epoch checkpoint
+    and put back into the evaluator when a run resumes.
+
+    MONAI's evaluator logs "Got new best metric" whenever a validation beats ``state.best_metric``; a resumed run
+    starts from -1, so its first validation was logged as a new best even when worse than the best model the
+    restored ``BestModelSaver`` keeps. Saved under ``evaluator_best`` (``LastCheckpointSaver``'s ``save_dict``)
+    and, attached to the trainer with a ``load_path``, restored when the trainer starts on every rank.
+    A checkpoint written before this entry existed restores nothing (logged).
+
+    Args:
+        evaluator: the validation ``Evaluator``.
+        load_path: the checkpoint to restore from (None: a fresh run, nothing restored).
+        key: the checkpoint entry.
+    """
+
+    def __init__(
+        self, evaluator: Engine, load_path: Optional[Union[str, os.PathLike]] = None, key: str = "evaluator_best"
+    ):
+        self.evaluator = evaluator
+        self.load_path = load_path
+        self.key = key
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+
+    def attach(self, engine: Engine) -> None:
+        """Restore from ``load_path`` when ``engine`` (the trainer) starts; nothing without a ``load_path``."""
+        if self.load_path is not None:
+            engine.add_event_handler(Events.STARTED, self.restore)
+
+    def restore(self, engine: Optional[Engine] = None) -> None:
+        """Load the best metric saved in ``load_path`` into the evaluator's state."""
+        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        if self.key not in checkpoint:
+            logger.info(
+                "%s holds no evaluator best metric (an older checkpoint): best metric not restored", self.load_path
+            )
+            return
+        self.load_state_dict(checkpoint[self.key])
+        state = self.evaluator.state
+        logger.info(
+            "restored best metric %s of epoch %d from %s", state.best_metric, state.best_metric_epoch, self.load_path
+        )
