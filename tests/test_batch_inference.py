@@ -298,3 +298,36 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
     with output_folder_lock(tmp_path / "out"):  # free again
         pass
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_options_killed_mid_case_leaves_no_mixed_folder(tmp_path):
+    """Masks written by run 1; run 2 without masks is SIGKILLed while writing the new label map (the old report
+    already retired); run 3 without masks: the case holds its new label map and report and no old mask."""
+    cohort = _cohort(tmp_path / "cohort", ["a"])
+    out = tmp_path / "out"
+    ckpt = save_checkpoint(IntensityNet(), tmp_path / "stub.pt")
+    first = run_workflow(str(cohort), out, ckpt, network_def=IntensityNet(), tasks="liver", save_masks=True)
+    masks = sorted(p.name for p in out.glob("a_*_mask.nii.gz"))
+    assert len(first["succeeded"]) == 1 and masks == ["a_liver_mask.nii.gz", "a_liver_tumor_mask.nii.gz"]
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(TESTS_DIR)!r}, {str(BUNDLE_ROOT)!r}]
+        real_replace = os.replace
+        def replace(src, dst):  # killed as the new label map takes its final name
+            if str(dst).endswith("a_seg.nii.gz"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+        os.replace = replace
+        from helpers.inference import IntensityNet, run_workflow
+        run_workflow({str(cohort)!r}, {str(out)!r}, {str(ckpt)!r}, network_def=IntensityNet(), tasks="liver")
+        """)
+    killed = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / "a_report.json").exists() and (out / "a_liver_mask.nii.gz").exists()  # retired, not replaced
+
+    third = run_workflow(str(cohort), out, ckpt, network_def=IntensityNet(), tasks="liver")
+    assert [c["case"] for c in third["succeeded"]] == ["a"]
+    report = json.loads((out / "a_report.json").read_text())
+    assert set(report["outputs"]) == {"label_map", "report"} and report["writer"]["save_masks"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["a_report.json", "a_seg.nii.gz", "summary.json"]

@@ -2,10 +2,12 @@
 
 Every file is written under a temporary name in the destination folder and renamed into place
 (``os.replace``), so an interrupted run never leaves a half-written output under the final name.
-A case's outputs are replaced as a unit: its old report is removed first, its files are written, and its
-report is written LAST. The report is the commit marker: a case with a report whose listed files all exist
-is finished (``SegmentationWriter.finished``); files without a report are the leftovers of an interrupted
-case and are redone. ``remove_stale_temporaries`` deletes the temporary files of processes that died.
+A case's outputs are replaced as a unit: its old report is removed first (the files it listed are kept
+in ``.<case>_report.retired.json`` until the new report, so a rerun killed midway still retires them),
+its files are written, and its report is written LAST. The report is the commit marker: a case with a
+report whose listed files all exist is finished (``SegmentationWriter.finished``); files without a report
+are the leftovers of an interrupted case and are redone. ``remove_stale_temporaries`` deletes the temporary
+files of processes that died.
 """
 
 from __future__ import annotations
@@ -191,17 +193,29 @@ class SegmentationWriter:
             return None
         return report
 
+    def _retired_path(self, case: str) -> Path:
+        return self.output_dir / f".{case}_report.retired.json"
+
     def _retire(self, case: str) -> List[Path]:
         """Remove the case's report (so the case reads unfinished until its new report) and return the files
-        its old report listed."""
-        path = self.path(case, "report.json")
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("outputs", {})
-            listed = [Path(p) for p in old.values()] if isinstance(old, dict) else []
-        except (OSError, ValueError, AttributeError):
-            listed = []
-        path.unlink(missing_ok=True)
-        return [p for p in listed if p.parent == self.output_dir and p.name.startswith(f"{case}_")]
+        its old report listed.
+
+        The list is kept in ``.<case>_report.retired.json`` until the new report is written: a run killed in
+        between leaves it, and the next run still removes the old outputs its options no longer write.
+        """
+        path, kept = self.path(case, "report.json"), self._retired_path(case)
+        listed: set = set()
+        for source in (kept, path):
+            try:
+                old = json.loads(source.read_text(encoding="utf-8")).get("outputs", {})
+                listed.update(str(v) for v in old.values()) if isinstance(old, dict) else None
+            except (OSError, ValueError, AttributeError):
+                pass
+        if path.exists():
+            write_json_atomic({"outputs": {str(i): p for i, p in enumerate(sorted(listed))}}, kept)
+            path.unlink()
+        files = {Path(p) for p in listed}
+        return [p for p in files if p.parent == self.output_dir and p.name.startswith(f"{case}_")]
 
     def __call__(
         self, data: Dict[str, Any], case: str, timer: Optional[PhaseTimer] = None, **info: Any
@@ -212,6 +226,7 @@ class SegmentationWriter:
             report = self._write(data, case, info)
         report["seconds"] = timer.report()
         write_json_atomic(report, self.path(case, "report.json"))  # last: the commit marker
+        self._retired_path(case).unlink(missing_ok=True)
         return report
 
     def _write(self, data: Dict[str, Any], case: str, info: Dict[str, Any]) -> Dict[str, Any]:
