@@ -20,7 +20,10 @@ from scripts.data.patches import LoadPatchd, LoadPreprocessedCased, cases_per_ta
 from scripts.data.preprocess import PreprocessError, preprocess_datalist
 from scripts.tasks import resolve_task
 
-AIR = 6  # voxels of air around the tiny body, so the body crop is visible
+AIR = 12  # voxels of air around the tiny block, so the body crop is visible
+# the block is 40 x 40 x 20 with a 2-voxel air rim (``make_case``): its body spans voxels 14-49 (z: 14-29); found
+# on the stride-4 copy it is [13, 52) ([13, 32)), plus the margin 8: the crop box below
+CROP_START, CROP_END = [5, 5, 5], [60, 60, 40]
 
 
 def _write_padded_case(root: Path, name: str, task: str, seed: int) -> dict:
@@ -66,20 +69,20 @@ def test_round_trip_shape_spacing_crop_and_labels(padded_data, preprocessed):
     assert [i["task"] for i in datalist["validation"]] == ["kidney"]
     for name in ("tr0", "tr1", "tr2"):
         record = json.loads((preprocessed / "cases" / name / "case.json").read_text())
-        # pixdim equals the source spacing: no resampling; the air border (6) minus the margin (2) is cropped
-        assert record["resampled_shape"] == [52, 52, 32]
-        assert record["crop_start"] == [AIR, AIR, AIR] and record["crop_end"] == [46, 46, 26]
-        assert record["shape"] == [40, 40, 20] and np.allclose(record["spacing"], [0.8, 0.8, 1.5])
+        # pixdim equals the source spacing: no resampling; inference's body crop (stride 4, margin 8)
+        assert record["resampled_shape"] == [64, 64, 44]
+        assert record["crop_start"] == CROP_START and record["crop_end"] == CROP_END
+        assert record["shape"] == [55, 55, 35] and np.allclose(record["spacing"], [0.8, 0.8, 1.5])
         assert manifest["cases"][name]["bytes"] == record["bytes"] > 40 * 40 * 20 * 3
         image = np.load(preprocessed / "cases" / name / "image.npy", mmap_mode="r")
         label = np.load(preprocessed / "cases" / name / "label.npy", mmap_mode="r")
         assert isinstance(image, np.memmap) and image.dtype == np.float16 and label.dtype == np.uint8
-        assert image.shape == label.shape == (1, 40, 40, 20)
+        assert image.shape == label.shape == (1, 55, 55, 35)
         assert float(image.min()) >= -1.0 and float(image.max()) <= 1.0
-        source = _source(padded_data, name)[AIR : AIR + 40, AIR : AIR + 40, AIR : AIR + 20]
+        source = _source(padded_data, name)[tuple(slice(a, b) for a, b in zip(CROP_START, CROP_END))]
         np.testing.assert_array_equal(label[0], source)
         affine, resampled = np.array(record["affine"]), np.array(record["resampled_affine"])
-        np.testing.assert_allclose(affine[:3, 3], resampled[:3, :3] @ np.full(3, AIR) + resampled[:3, 3])
+        np.testing.assert_allclose(affine[:3, 3], resampled[:3, :3] @ np.array(CROP_START) + resampled[:3, 3])
         with np.load(preprocessed / "cases" / name / "locations.npz") as npz:
             values = {int(v) for v in npz.files}
             assert values == set(np.unique(source).tolist()) - {0}
@@ -97,9 +100,22 @@ def test_locations_are_a_bounded_sample(padded_data, tmp_path):
         assert len(np.unique(npz["1"], axis=0)) == 50
 
 
-@pytest.mark.parametrize("patch", [(16, 16, 8), (48, 24, 24)], ids=["inside", "padded"])
+def _expected_image(stored: np.ndarray, center, patch) -> np.ndarray:
+    """The (1, *patch) image patch at ``center`` of the symmetrically padded stored case, read from the resampled
+    grid rebuilt around it (-1 where the crop removed voxels, 0 beyond the grid)."""
+    grid = np.full((64, 64, 44), -1.0, dtype=np.float32)
+    grid[tuple(slice(a, b) for a, b in zip(CROP_START, CROP_END))] = stored[0]
+    margin = 64
+    canvas = np.pad(grid, margin)
+    before = [max(p - s, 0) // 2 for p, s in zip(patch, stored.shape[1:])]
+    lows = [c - p // 2 - b + a + margin for c, p, b, a in zip(center, patch, before, CROP_START)]
+    return canvas[tuple(slice(lo, lo + p) for lo, p in zip(lows, patch))][None]
+
+
+@pytest.mark.parametrize("patch", [(16, 16, 8), (64, 24, 40)], ids=["inside", "padded"])
 def test_patch_from_memmap_equals_the_crop_of_the_whole_case(preprocessed, patch):
-    """``LoadPatchd`` reads only the patch; the result equals SpatialPad + SpatialCrop of the whole volume."""
+    """``LoadPatchd`` reads only the patch; the result equals SpatialPad + SpatialCrop of the whole stored case,
+    the padding being air (-1) where the body crop removed voxels of the resampled grid and 0 beyond it."""
     items = load_preprocessed_datalist(preprocessed, "training")
     loader = LoadPatchd(patch_size=patch)
     whole = LoadPreprocessedCased()
@@ -113,9 +129,39 @@ def test_patch_from_memmap_equals_the_crop_of_the_whole_case(preprocessed, patch
         pad = SpatialPad(spatial_size=patch, mode="constant")
         crop = SpatialCrop(roi_center=loader._center, roi_size=patch)
         for key in ("image", "label"):
-            expected = crop(pad(full[key]))
-            torch.testing.assert_close(out[key].as_tensor(), expected.as_tensor(), rtol=0, atol=0)
+            expected = crop(pad(full[key])).as_tensor()
+            if key == "image":  # air (-1) where the body crop removed voxels, 0 beyond the resampled grid
+                expected = _expected_image(full[key].numpy(), loader._center, patch)
+                if patch[0] > 55:
+                    assert {-1.0, 0.0} <= set(np.unique(out[key].numpy()[:, [0, -1]]).tolist())
+            torch.testing.assert_close(out[key].as_tensor(), torch.as_tensor(expected), rtol=0, atol=0)
         assert torch.allclose(out["image"].affine, crop(pad(full["image"])).affine.to(torch.float64))
+
+
+def test_crop_box_is_inferences_body_crop_plus_the_labels():
+    """The stored box is ``BodyCropd``'s (inference's) box; the scanner table (a separate component) is left out,
+    a labeled voxel outside the body is kept; no body keeps the whole grid."""
+    from monai.data import MetaTensor
+
+    from scripts.data.body_crop import BodyCropd
+    from scripts.data.preprocess import _params, crop_box
+
+    params = _params((0.8, 0.8, 1.5), (-325.0, 325.0), margin=8, max_locations=10)
+    image = torch.full((1, 96, 80, 40), -1.0)
+    image[:, 20:70, 14:60, 6:33] = 0.1  # the body
+    image[:, 10:86, 70:74, :] = 0.0  # the table: 0 HU, below the body, with air in between
+    label = torch.zeros_like(image)
+    label[:, 30:40, 20:30, 10:20] = 1
+    start, end = crop_box(image, label, params)
+    cropper = BodyCropd(keys="image", hu_range=(-325.0, 325.0)).cropper
+    expected = [np.asarray(b).tolist() for b in cropper.compute_bounding_box(MetaTensor(image))]
+    assert [start.tolist(), end.tolist()] == expected
+    assert end[1] < 70 and end[0] < 86, "the table (x 10-85, y 70-73) is not part of the body"
+    label[:, 2, 76, 38] = 1  # a labeled voxel far outside the body
+    start, end = crop_box(image, label, params)
+    assert start.tolist() == [0, *expected[0][1:]] and end.tolist() == [expected[1][0], 80, 40]
+    start, end = crop_box(torch.full((1, 12, 10, 8), -1.0), torch.zeros((1, 12, 10, 8)), params)
+    assert start.tolist() == [0, 0, 0] and end.tolist() == [12, 10, 8]
 
 
 def test_foreground_bias_four_of_five(preprocessed):

@@ -1,8 +1,9 @@
 """Training and validation data read from a folder made by ``dodnet-preprocess`` (``scripts.data.preprocess``).
 
 ``LoadPatchd`` opens a case's arrays memory-mapped and copies out one training patch: 4 of 5 crops centred on a
-stored foreground location, 1 of 5 anywhere, zero padding where the case is smaller than the patch (the same
-crops as ``SpatialPadd`` + ``RandCropByPosNegLabeld`` on the whole volume, without reading it).
+stored foreground location, 1 of 5 anywhere, padding where the stored case is smaller than the patch (the same
+crops as ``SpatialPadd`` + ``RandCropByPosNegLabeld`` on the whole volume, without reading it). Padding that
+falls where the body crop removed air is air (-1), beyond the resampled grid 0 (as ``SpatialPadd``).
 ``LoadPreprocessedCased`` loads a whole preprocessed case (already resampled and windowed) for validation.
 ``load_preprocessed_datalist`` reads the folder's datalist and checks every case before training starts;
 ``cases_per_task`` caps the validation cases per task. Datasets built from these hold only paths, so a
@@ -73,7 +74,9 @@ class LoadPatchd(Randomizable, MapTransform):
     value first, uniformly (nnU-Net's way, oversampling small tumors).
 
     Output: ``image`` (1, *patch_size) float32 and ``label`` (1, *patch_size) float32 source values, MetaTensors
-    with the patch's affine; regions outside the case are 0 (``image_pad_value`` for the image).
+    with the patch's affine. Label regions outside the stored case are 0; image regions are ``crop_fill`` where
+    they lie inside the resampled grid (air the body crop removed, recorded as ``crop_start`` and
+    ``resampled_shape`` in ``case.json``) and ``image_pad_value`` beyond it.
 
     Args:
         keys: the image and label keys, in that order.
@@ -82,7 +85,9 @@ class LoadPatchd(Randomizable, MapTransform):
         neg: weight of crops centred anywhere.
         locations_key: key of the ``.npz`` path with the foreground locations.
         class_balanced: pick the foreground label value uniformly rather than by voxel count.
-        image_pad_value: image value where the patch extends beyond the case.
+        image_pad_value: image value where the patch extends beyond the resampled grid (``SpatialPadd``'s 0).
+        crop_fill: image value where the patch reaches into what the body crop removed (-1: the HU window's
+            floor, air).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class LoadPatchd(Randomizable, MapTransform):
         locations_key: str = "locations",
         class_balanced: bool = False,
         image_pad_value: float = 0.0,
+        crop_fill: float = -1.0,
     ) -> None:
         MapTransform.__init__(self, keys)
         if len(self.keys) != 2:
@@ -105,6 +111,7 @@ class LoadPatchd(Randomizable, MapTransform):
         self.locations_key = locations_key
         self.class_balanced = class_balanced
         self.image_pad_value = float(image_pad_value)
+        self.crop_fill = float(crop_fill)
         self._center: Optional[Tuple[int, ...]] = None
 
     def randomize(self, shape: Sequence[int], locations: Mapping[str, np.ndarray], counts: Mapping[str, int]) -> None:
@@ -135,12 +142,30 @@ class LoadPatchd(Randomizable, MapTransform):
         slices, pads = patch_window(self._center, self.patch_size, image_mm.shape[1:])
         affine = torch.as_tensor(record["affine"], dtype=torch.float64)
         affine[:3, 3] += affine[:3, :3] @ torch.as_tensor([s.start - p[0] for s, p in zip(slices, pads)]).double()
-        for key, array, value in ((image_key, image_mm, self.image_pad_value), (label_key, label_mm, 0)):
+        padded = any(p != (0, 0) for p in pads)
+        for key, array in ((image_key, image_mm), (label_key, label_mm)):
             patch = np.asarray(array[(slice(None), *slices)], dtype=np.float32)  # copies out the patch only
-            if any(p != (0, 0) for p in pads):
-                patch = np.pad(patch, [(0, 0), *pads], mode="constant", constant_values=value)
+            if padded and key == image_key:
+                patch = np.pad(patch, [(0, 0), *pads], mode="constant", constant_values=self.crop_fill)
+                beyond = _beyond_grid(slices, pads, record["crop_start"], record["resampled_shape"])
+                patch[0][beyond] = self.image_pad_value
+            elif padded:
+                patch = np.pad(patch, [(0, 0), *pads], mode="constant", constant_values=0)
             d[key] = MetaTensor(torch.from_numpy(patch), affine=affine.clone(), meta={"filename_or_obj": d[key]})
         return d
+
+
+def _beyond_grid(
+    slices: Sequence[slice], pads: Sequence[Tuple[int, int]], crop_start: Sequence[int], grid: Sequence[int]
+) -> np.ndarray:
+    """Bool (*patch_size) mask of a patch's voxels outside the resampled grid (``patch_window``'s ``slices`` and
+    ``pads`` in the stored, cropped case; ``crop_start``: where that case starts in the resampled grid of shape
+    ``grid``)."""
+    inside = []
+    for s, (before, after), start, size in zip(slices, pads, crop_start, grid):
+        coords = np.arange(s.start - before, s.stop + after) + int(start)
+        inside.append((coords >= 0) & (coords < int(size)))
+    return ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
 
 
 class LoadPreprocessedCased(MapTransform):

@@ -3,10 +3,12 @@
 ``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N]`` (or ``python -m scripts.data.preprocess`` from the
 bundle folder) runs the bundle's one deterministic chain (``scripts.data.ct_preprocessing``: load, orientation,
 resampling to ``pixdim``, HU window to [-1, 1]) on every item of every split, crops each case to the body's
-bounding box (voxels above the window's lowest value, plus a margin) and writes::
+bounding box as inference's body crop finds it (``scripts.data.body_crop.body_bounding_box``: the largest connected
+component above ``body_hu`` on a copy strided by ``body_downsample``; widened to every labeled voxel, plus
+``margin`` voxels) and writes::
 
     OUTPUT_DIR/
-        manifest.json            parameters (pixdim, hu_range, margin, format version) and per-case records
+        manifest.json            parameters (pixdim, hu_range, body crop, format version) and per-case records
         datalist.json            the input's splits, items pointing at the cases below
         cases/<name>/image.npy   (1, H, W, D) float16, windowed intensities in [-1, 1]
         cases/<name>/label.npy   (1, H, W, D) uint8, the source dataset's label values
@@ -35,7 +37,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
+from scripts.data.body_crop import DEFAULT_BODY_HU, body_bounding_box, hu_to_scaled
 from scripts.utils import write_json_atomic
 
 __all__ = [
@@ -49,21 +53,31 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-PREPROCESS_VERSION = 1
-"""Format version of a preprocessed folder; bumped whenever the written arrays change."""
+PREPROCESS_VERSION = 2
+"""Format version of a preprocessed folder; bumped whenever the written arrays change (2: inference's body crop)."""
 
 MANIFEST_NAME = "manifest.json"
 CASE_RECORD_NAME = "case.json"
 CASES_DIR = "cases"
 SPLITS = ("training", "validation", "test")
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy")
+DEFAULT_BODY_DOWNSAMPLE = 4
+DEFAULT_MARGIN = 8
+"""Body crop defaults, as ``scripts.data.body_crop.BodyCropd`` (inference) uses them."""
 
 
 class PreprocessError(ValueError):
     """A preprocessing request that cannot run (bad datalist, output folder made with other parameters)."""
 
 
-def _params(pixdim: Sequence[float], hu_range: Sequence[float], margin: int, max_locations: int) -> Dict[str, Any]:
+def _params(
+    pixdim: Sequence[float],
+    hu_range: Sequence[float],
+    margin: int,
+    max_locations: int,
+    body_hu: float = DEFAULT_BODY_HU,
+    body_downsample: int = DEFAULT_BODY_DOWNSAMPLE,
+) -> Dict[str, Any]:
     pixdim = [float(p) for p in pixdim]
     hu_range = [float(h) for h in hu_range]
     if len(pixdim) != 3 or min(pixdim) <= 0:
@@ -72,10 +86,14 @@ def _params(pixdim: Sequence[float], hu_range: Sequence[float], margin: int, max
         raise PreprocessError(f"hu_range must be [low, high] with low < high, got {hu_range}")
     if int(margin) < 0 or int(max_locations) < 1:
         raise PreprocessError(f"margin must be >= 0 and max_locations >= 1, got {margin} and {max_locations}")
+    if int(body_downsample) < 1:
+        raise PreprocessError(f"body_downsample must be >= 1, got {body_downsample}")
     return {
         "version": PREPROCESS_VERSION,
         "pixdim": pixdim,
         "hu_range": hu_range,
+        "body_hu": float(body_hu),
+        "body_downsample": int(body_downsample),
         "margin": int(margin),
         "max_locations": int(max_locations),
         "image_dtype": "float16",
@@ -89,6 +107,30 @@ def _case_stem(path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def crop_box(image: Any, label: Any, params: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """The stored part of a resampled case: ``(start, end)`` int64 voxel indices (end exclusive), 3 per axis.
+
+    The body's bounding box as inference finds it (``body_bounding_box`` of the (1, H, W, D) windowed ``image``
+    at ``params["body_hu"]`` on a copy strided by ``params["body_downsample"]``), widened to contain every
+    labeled voxel of ``label`` (1, H, W, D) (a label outside the body, e.g. on a separate component, is kept),
+    plus ``params["margin"]`` voxels, clipped at the grid. No body found: the whole grid.
+    """
+    shape = np.asarray(image.shape[1:], dtype=np.int64)
+    threshold = hu_to_scaled(params["body_hu"], params["hu_range"])
+    body_start, body_end = body_bounding_box(image, threshold, params["body_downsample"])
+    start, end = np.asarray(body_start, dtype=np.int64), np.asarray(body_end, dtype=np.int64)
+    if np.array_equal(start, np.zeros(3)) and np.array_equal(end, shape):
+        return start, end
+    foreground = torch.as_tensor(label[0]) > 0.5
+    if bool(foreground.any()):
+        for axis in range(3):
+            hits = torch.nonzero(foreground.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
+            start[axis] = min(start[axis], int(hits[0]))
+            end[axis] = max(end[axis], int(hits[-1]) + 1)
+    margin = int(params["margin"])
+    return np.maximum(start - margin, 0), np.minimum(end + margin, shape)
 
 
 def preprocess_case(item: Dict[str, Any], case_dir: PathLike, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -106,7 +148,7 @@ def preprocess_case(item: Dict[str, Any], case_dir: PathLike, params: Dict[str, 
         ValueError: the label has values outside the task's source set or is not an integer map.
         Exception: whatever reading or resampling the files raises (the caller reports it by file name).
     """
-    from monai.transforms import Compose, CropForeground
+    from monai.transforms import Compose
 
     from scripts.data.transforms import ct_preprocessing
     from scripts.tasks import resolve_task
@@ -117,11 +159,7 @@ def preprocess_case(item: Dict[str, Any], case_dir: PathLike, params: Dict[str, 
     image, label = out["image"], out["label"]
     affine = np.asarray(image.affine, dtype=np.float64)
     resampled_shape = [int(s) for s in image.shape[1:]]
-    # the body: everything above the window's lowest value (air and the scanner's out-of-view padding map to -1)
-    cropper = CropForeground(select_fn=lambda x: x > -1.0 + 1e-3, margin=params["margin"], allow_smaller=True)
-    start, end = (np.asarray(b, dtype=np.int64) for b in cropper.compute_bounding_box(image))
-    if np.any(end <= start):  # no voxel above air: keep the whole volume
-        start, end = np.zeros(3, dtype=np.int64), np.asarray(resampled_shape, dtype=np.int64)
+    start, end = crop_box(image, label, params)
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, end))
     image_np = np.asarray(image.detach().cpu().numpy()[(slice(None), *box)], dtype=np.float16)
     label_f = np.asarray(label.detach().cpu().numpy()[(slice(None), *box)])
@@ -250,10 +288,12 @@ def preprocess_datalist(
     workers: int = 2,
     pixdim: Sequence[float] = (0.8, 0.8, 1.5),
     hu_range: Sequence[float] = (-325.0, 325.0),
-    margin: int = 2,
+    margin: int = DEFAULT_MARGIN,
     max_locations: int = 10000,
     progress: bool = True,
     debug: bool = False,
+    body_hu: float = DEFAULT_BODY_HU,
+    body_downsample: int = DEFAULT_BODY_DOWNSAMPLE,
 ) -> Tuple[Path, List[str]]:
     """Preprocess every item of ``datalist`` into ``output_dir``; see the module docstring for the layout.
 
@@ -263,10 +303,12 @@ def preprocess_datalist(
         workers: processes preprocessing cases in parallel (0: in this process).
         pixdim: target spacing in mm, (H, W, D) order (as ``configs/train.json``'s ``pixdim``).
         hu_range: HU window mapped to [-1, 1] (as ``hu_range``).
-        margin: voxels kept around the body's bounding box.
+        margin: voxels kept around the body's bounding box (inference's ``BodyCropd`` default).
         max_locations: stored foreground voxel coordinates per label value and case.
         progress: show a tqdm progress bar.
         debug: raise the first error with its traceback instead of skipping the case.
+        body_hu: body threshold in HU (``scripts.data.body_crop.DEFAULT_BODY_HU``, as inference).
+        body_downsample: stride of the copy the body is found on (as inference).
 
     Returns:
         ``(path of the written datalist, ["<image file>: <problem>" for every failed case])``.
@@ -276,7 +318,7 @@ def preprocess_datalist(
     """
     from tqdm import tqdm
 
-    params = _params(pixdim, hu_range, margin, max_locations)
+    params = _params(pixdim, hu_range, margin, max_locations, body_hu, body_downsample)
     datalist = Path(os.path.expanduser(str(datalist)))
     output_dir = Path(os.path.expanduser(str(output_dir)))
     splits = _read_items(datalist)
@@ -370,17 +412,29 @@ def preprocess_cli(
     workers: int = 2,
     pixdim: Sequence[float] = (0.8, 0.8, 1.5),
     hu_range: Sequence[float] = (-325.0, 325.0),
-    margin: int = 2,
+    margin: int = DEFAULT_MARGIN,
     max_locations: int = 10000,
     progress: bool = True,
     debug: bool = False,
+    body_hu: float = DEFAULT_BODY_HU,
+    body_downsample: int = DEFAULT_BODY_DOWNSAMPLE,
 ) -> None:
     """``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N] [--pixdim '[0.8,0.8,1.5]'] [--hu_range '[-325,325]']``.
 
     Exits with status 1 when some cases failed (listed on stderr).
     """
     path, failures = preprocess_datalist(
-        datalist, output_dir, workers, pixdim, hu_range, margin, max_locations, progress, debug
+        datalist,
+        output_dir,
+        workers,
+        pixdim,
+        hu_range,
+        margin,
+        max_locations,
+        progress,
+        debug,
+        body_hu,
+        body_downsample,
     )
     if failures:
         print(f"dodnet-preprocess: {len(failures)} case(s) failed and were skipped:", file=sys.stderr)
