@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--ddp_patch", type=int, nargs=3, default=[96, 96, 32])
     parser.add_argument("--ddp_iterations", type=int, default=4)
     parser.add_argument("--rss_only", action="store_true", help="skip the sample cost and loader measurements")
+    parser.add_argument("--sample_only", action="store_true", help="skip the loader and RSS measurements")
     args = parser.parse_args()
     from scripts.data.preprocess import preprocess_datalist
 
@@ -218,11 +219,15 @@ def main() -> None:
             f"{disk / args.cases / 2**20:.1f} MiB per case, {disk / voxels:.2f} bytes per resampled voxel "
             f"(body crop keeps {100 * kept / voxels:.0f}% of the voxels)"
         )
-        for workers in () if args.rss_only else (1, 2, 4):
+        for workers in () if args.rss_only or args.sample_only else (1, 2, 4):
             rate = loader_rate(root / "pre", patch, workers, args.batches)
             print(f"loader, {workers} worker(s): {rate:.2f} samples/s")
         if not args.rss_only:
-            print(f"CPU per [192, 192, 64] training sample: {sample_cost(root / 'pre', patch, args.samples):.0f} ms")
+            load = os.getloadavg()[0]
+            cost = sample_cost(root / "pre", patch, args.samples)
+            print(f"CPU per [192, 192, 64] training sample: {cost:.0f} ms ({args.samples} samples, load {load:.1f})")
+        if args.sample_only:
+            return
         small = ddp_peak_rss(root / "pre", args.ddp_patch, root / "run1", args.ddp_iterations)
         big = ddp_peak_rss(grow(root / "pre", 4, root / "pre4"), args.ddp_patch, root / "run4", args.ddp_iterations)
         print(
