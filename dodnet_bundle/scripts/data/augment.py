@@ -3,7 +3,7 @@
 ``RandGaussianSmoothd`` is MONAI's ``RandGaussianSmoothd`` (same arguments, same random draws, same kernels, same
 zero padding) with the separable filter run by ``scipy.ndimage.correlate1d`` on float32 arrays. MONAI filters with
 ``torch.conv3d`` on a one-channel volume, which on CPU takes about 130 ms per axis for a [192, 192, 64] patch (one
-thread); ``correlate1d`` takes 10-35 ms. The outputs agree to float32 rounding (see ``tests/test_sampling.py``).
+thread); ``correlate1d`` takes 10-35 ms. The outputs agree to float32 rounding (``tests/test_preprocess.py``).
 """
 
 from __future__ import annotations
