@@ -135,15 +135,37 @@ def child(args: argparse.Namespace) -> None:
         compile_head=args.compile_head,
         compile_network=args.compile_network,
         sw_batch_size=args.sw_batch_size,
+        body_crop=not args.no_body_crop,
         **overrides,
     )
     stop.set()
     thread.join()
+    seconds = time.time() - start
+    report = json.loads((Path(args.workdir) / "out" / f"{Path(args.image).name.split('.')[0]}_report.json").read_text())
+    peaks["phases_s"] = {k: round(v, 1) for k, v in report["seconds"].items()}
+    peaks["body_crop_fraction"] = round(report["body_crop"]["fraction"], 3)
+    from scripts.networks.acceleration import autocast, input_to_channels_last, resolve_precision, to_channels_last
+
+    net = DoDNet(**tiny).to(args.device).eval()  # one window on the same path, for the whole-CT/window ratio
+    window = torch.zeros(1, 1, 192, 192, 64, device=args.device)
+    if not args.contiguous:
+        net, window = to_channels_last(net), input_to_channels_last(window)
+    precision = resolve_precision(args.precision, args.device)
+    with torch.inference_mode(), autocast(args.device, precision):
+        net(window)  # warm-up
+        t0 = time.time()
+        net(window)
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
+        window_s = time.time() - t0
+    peaks["window_forward_s"] = round(window_s, 3)
+    peaks["ratio_to_window"] = round(seconds / window_s, 1)
+    peaks["resolved_precision"] = precision
     peaks.update(
         {
             "sampled_peak_mb": phase["peak"],
             "sampled_inference_phase_peak_mb": phase["inference"],
-            "seconds": round(time.time() - start, 1),
+            "seconds": round(seconds, 1),
             "failed": summary["failed"],
             "threads": torch.get_num_threads(),
         }
@@ -162,7 +184,10 @@ def main() -> None:
     parser.add_argument("--network", default="full", choices=["full", "tiny"])
     parser.add_argument("--mode", default="pipeline", choices=["pipeline", "window"])
     parser.add_argument("--budget_mb", type=float, default=6 * 1024)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="network precision"
+    )
+    parser.add_argument("--no_body_crop", action="store_true", help="windows over the whole grid (no body crop)")
     parser.add_argument("--compile_head", action="store_true", help="torch.compile-fused dynamic heads")
     parser.add_argument("--compile_network", action="store_true", help="torch.compile the whole network")
     parser.add_argument("--contiguous", action="store_true", help="network in contiguous layout (not channels-last)")
@@ -192,6 +217,7 @@ def main() -> None:
         cmd += ["--compile_head"] if args.compile_head else []
         cmd += ["--compile_network"] if args.compile_network else []
         cmd += ["--contiguous"] if args.contiguous else []
+        cmd += ["--no_body_crop"] if args.no_body_crop else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -217,6 +243,7 @@ def main() -> None:
             "sw_batch_size": args.sw_batch_size,
             "reader": args.reader,
             "overlap": args.overlap,
+            "body_crop": not args.no_body_crop,
             "peak_rss_mb": round(peak_mb, 1),
             "budget_mb": args.budget_mb,
             "within_budget": peak_mb <= args.budget_mb,
