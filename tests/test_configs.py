@@ -110,20 +110,34 @@ def test_inference_defaults_follow_the_device(bundle_root, device, sw_batch_size
 
 
 @pytest.mark.parametrize("package", ["data", "training", "inference", "evaluation"])
-def test_package_exports_match_their_modules(package):
-    """Every public name of a stage package's component modules is reachable as scripts.<package>.<Name>
-    (the form configs use), and importing the package alone pulls in no torch-dependent module."""
+def test_package_exports_are_their_modules_public_names(package):
+    """scripts.<package>.<Name> (the form configs use) is the module's object for every name of its __all__."""
     import importlib
 
     pkg = importlib.import_module(f"scripts.{package}")
+    assert pkg._EXPORTS and sorted(pkg._EXPORTS) == pkg.__all__
     for name, module in pkg._EXPORTS.items():
         mod = importlib.import_module(f"scripts.{package}.{module}")
-        assert name in mod.__all__, f"scripts.{package}.{name}: not in {mod.__name__}.__all__"
-        assert getattr(pkg, name) is getattr(mod, name)
+        assert name in mod.__all__ and getattr(pkg, name) is getattr(mod, name)
     for module in set(pkg._EXPORTS.values()):
         mod = importlib.import_module(f"scripts.{package}.{module}")
-        missing = set(mod.__all__) - set(pkg._EXPORTS)
-        assert not missing, f"{mod.__name__} exports {sorted(missing)} that scripts.{package} does not"
+        assert set(mod.__all__) <= set(pkg._EXPORTS), f"{mod.__name__}.__all__ not all exported"
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        getattr(pkg, "NoSuchName")
+
+
+def test_every_config_target_of_the_bundle_resolves(bundle_root):
+    """Each scripts.* _target_ in the configs names an existing component (MONAI resolves them with pydoc.locate)."""
+    import re
+    from pydoc import locate
+
+
+    targets = set()
+    for path in (bundle_root / "configs").glob("*.json"):
+        targets |= set(re.findall(r'"_target_": "(scripts\.[\w.]+)"', path.read_text()))
+    assert targets
+    missing = sorted(t for t in targets if locate(t) is None)
+    assert not missing, missing
 
 
 def test_stage_packages_import_without_torch(bundle_root):

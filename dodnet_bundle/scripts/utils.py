@@ -11,13 +11,14 @@ Dependency-free on purpose: the data generators and the CLIs import it without t
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -98,16 +99,38 @@ def set_threads(threads: Optional[Union[int, str]] = None) -> int:
     return n
 
 
-def lazy_exports(package: str, exports: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
-    """``__getattr__`` and ``__dir__`` for a package that re-exports names of its modules on first use.
+def lazy_exports(
+    package: str, modules: Sequence[str]
+) -> Tuple[Callable[[str], Any], Callable[[], List[str]], Dict[str, str]]:
+    """``__getattr__``, ``__dir__`` and the ``{name: module}`` map of a package that re-exports the public names
+    (``__all__``) of its ``modules``, each loaded on first use (PEP 562).
 
-    Configs name components as ``scripts.<package>.<Name>``; importing the package stays free of torch until
-    a name whose module needs it is used (PEP 562).
+    Configs name components as ``scripts.<package>.<Name>``; importing the package stays free of torch until a
+    name whose module needs it is used. The names are read from each module's literal ``__all__`` without
+    importing it, so a module's ``__all__`` is the one list of what its package exports.
 
     Args:
         package: the package's ``__name__``.
-        exports: ``{name: module within the package}``.
+        modules: module names within the package.
     """
+    folder = Path(importlib.import_module(package).__file__).parent
+    exports: Dict[str, str] = {}
+    for module in modules:
+        tree = ast.parse((folder / f"{module}.py").read_text(encoding="utf-8"))
+        names = next(
+            (
+                ast.literal_eval(node.value)
+                for node in tree.body
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+            ),
+            None,
+        )
+        if names is None:
+            raise ImportError(f"{package}.{module} has no literal __all__ to export")
+        for name in names:
+            if name in exports:
+                raise ImportError(f"{package}: {name!r} is exported by both {exports[name]} and {module}")
+            exports[name] = module
     cache: Dict[str, Any] = {}
 
     def __getattr__(name: str) -> Any:
@@ -120,7 +143,7 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> Tuple[Callable[[st
     def __dir__() -> List[str]:
         return sorted(exports)
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, exports
 
 
 @contextmanager

@@ -5,31 +5,5 @@ Components are named ``scripts.inference.<Name>`` (loaded on first use, see ``sc
 
 from scripts.utils import lazy_exports
 
-_EXPORTS = {
-    "TaskSlidingWindowInferer": "inferer",
-    "flip_combinations": "inferer",
-    "remove_components_up_to": "postprocessing",
-    "apply_post_rule": "postprocessing",
-    "TaskPostProcessd": "postprocessing",
-    "merge_task_masks": "postprocessing",
-    "MergeTaskLabelsd": "postprocessing",
-    "SegmentationRunner": "runner",
-    "CasesFailedError": "runner",
-    "describe_error": "runner",
-    "is_cohort_input": "runner",
-    "merge_summaries": "runner",
-    "save_image_atomic": "writers",
-    "remove_stale_temporaries": "writers",
-    "SegmentationWriter": "writers",
-    "OUTPUT_TYPES": "dicom_seg",
-    "parse_output_type": "dicom_seg",
-    "dicom_seg_source_problem": "dicom_seg",
-    "read_dicom_series": "dicom_seg",
-    "series_geometry": "dicom_seg",
-    "label_map_on_series": "dicom_seg",
-    "segment_descriptions": "dicom_seg",
-    "write_dicom_seg": "dicom_seg",
-}
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = list(_EXPORTS)
+__getattr__, __dir__, _EXPORTS = lazy_exports(__name__, ["inferer", "postprocessing", "runner", "writers", "dicom_seg"])
+__all__ = sorted(_EXPORTS)
