@@ -131,7 +131,6 @@ def test_every_config_target_of_the_bundle_resolves(bundle_root):
     import re
     from pydoc import locate
 
-
     targets = set()
     for path in (bundle_root / "configs").glob("*.json"):
         targets |= set(re.findall(r'"_target_": "(scripts\.[\w.]+)"', path.read_text()))
