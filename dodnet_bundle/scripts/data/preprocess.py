@@ -26,6 +26,7 @@ parameters is refused. An unreadable or corrupt case is reported by file name an
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -406,58 +407,39 @@ def preprocess_datalist(
     return out_path, failures
 
 
-def preprocess_cli(
-    datalist: str,
-    output_dir: str,
-    workers: int = 2,
-    pixdim: Sequence[float] = (0.8, 0.8, 1.5),
-    hu_range: Sequence[float] = (-325.0, 325.0),
-    margin: int = DEFAULT_MARGIN,
-    max_locations: int = 10000,
-    progress: bool = True,
-    debug: bool = False,
-    body_hu: float = DEFAULT_BODY_HU,
-    body_downsample: int = DEFAULT_BODY_DOWNSAMPLE,
-) -> None:
-    """``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N] [--pixdim '[0.8,0.8,1.5]'] [--hu_range '[-325,325]']``.
-
-    Exits with status 1 when some cases failed (listed on stderr).
-    """
-    path, failures = preprocess_datalist(
-        datalist,
-        output_dir,
-        workers,
-        pixdim,
-        hu_range,
-        margin,
-        max_locations,
-        progress,
-        debug,
-        body_hu,
-        body_downsample,
-    )
+@functools.wraps(preprocess_datalist)  # fire shows preprocess_datalist's arguments and docstring
+def preprocess_cli(*args: Any, **kwargs: Any) -> int:
+    """``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N]``: returns 1 when some cases failed (listed on stderr)."""
+    path, failures = preprocess_datalist(*args, **kwargs)
     if failures:
         print(f"dodnet-preprocess: {len(failures)} case(s) failed and were skipped:", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(f"dodnet-preprocess: wrote {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point ``dodnet-preprocess`` (fire); exit status 0 ok, 1 failed cases, 2 usage errors."""
+    """Console entry point ``dodnet-preprocess`` (fire); exit status 0 ok, 1 failed cases, 2 usage errors (one line;
+    ``--debug`` shows tracebacks and stops at the first failing case)."""
     import fire
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    from scripts.cli_errors import USAGE_EXIT, run_cli
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        fire.Fire(preprocess_cli, command=args, name="dodnet-preprocess")
-    except PreprocessError as err:
-        if debug:
-            raise
-        print(f"dodnet-preprocess: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(
+        "dodnet-preprocess",
+        lambda args: fire.Fire(
+            preprocess_cli,
+            command=args + (["--debug"] if debug else []),
+            name="dodnet-preprocess",
+            serialize=lambda _: None,  # the exit status is the result, nothing to print
+        ),
+        argv,
+        extra=((PreprocessError, USAGE_EXIT),),  # this module's class, also when run with python -m
+    )
 
 
 if __name__ == "__main__":

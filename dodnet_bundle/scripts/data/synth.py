@@ -351,7 +351,7 @@ def make_phantom(
 def _rule_hits(rule: Optional[LabelRule], value: int) -> Optional[bool]:
     if rule is None:
         return None
-    return value >= rule.min_value if rule.min_value is not None else value == rule.equals
+    return bool(rule.matches(value))
 
 
 def encode_task_label(spec: TaskSpec, organ: np.ndarray, tumor: np.ndarray) -> np.ndarray:

@@ -47,6 +47,8 @@ It writes ``OUTPUT_DIR/metrics.csv`` (one row per case x structure) and ``OUTPUT
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -441,32 +443,10 @@ def _format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cli(
-    prediction_dir: str,
-    reference_dir: str,
-    output_dir: str,
-    mapping: Union[str, Dict[str, Any]] = "merged",
-    prediction_mapping: Union[str, Dict[str, Any]] = "merged",
-    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-    both_empty: str = "exclude",
-    allow_unpaired: bool = False,
-    prediction_suffix: str = "_seg",
-    reference_suffix: str = "",
-    affine_tolerance: float = 1e-3,
-) -> None:
-    summary = evaluate_folders(
-        prediction_dir,
-        reference_dir,
-        output_dir,
-        mapping=mapping,
-        prediction_mapping=prediction_mapping,
-        nsd_tolerance_mm=nsd_tolerance_mm,
-        both_empty=both_empty,
-        allow_unpaired=allow_unpaired,
-        prediction_suffix=prediction_suffix,
-        reference_suffix=reference_suffix,
-        affine_tolerance=affine_tolerance,
-    )
+@functools.wraps(evaluate_folders)  # fire shows evaluate_folders' arguments and docstring
+def _cli(*args: Any, **kwargs: Any) -> None:
+    summary = evaluate_folders(*args, **kwargs)
+    output_dir = inspect.signature(evaluate_folders).bind(*args, **kwargs).arguments["output_dir"]
     print(_format_table(summary))
     print(f"{summary['cases_evaluated']}/{summary['cases']} case(s) evaluated; results in {output_dir}")
     for f in summary["failed"]:
