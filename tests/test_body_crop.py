@@ -87,3 +87,12 @@ def test_disabled_crop_is_a_no_op():
     image = _ct(((10, 40), (8, 44), (3, 17)))
     out = BodyCropd(keys="image", enabled=False)({"image": MetaTensor(image, affine=_affine())})
     assert tuple(out["image"].shape[1:]) == SHAPE
+
+
+def test_flags_from_the_command_line_switch_the_crop():
+    from scripts.data.transforms import ct_preprocessing
+
+    for flag, expected in ((True, True), ("true", True), ("false", False), (False, False)):
+        steps = ct_preprocessing(body_crop=flag, load=False)
+        assert any(isinstance(s, BodyCropd) for s in steps) is expected
+    assert BodyCropd(keys="image", enabled="false").enabled is False

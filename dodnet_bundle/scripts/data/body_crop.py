@@ -16,6 +16,8 @@ import torch
 from monai.transforms import CropForegroundd
 from monai.transforms.utils import get_largest_connected_component_mask
 
+from scripts.utils import as_bool
+
 __all__ = ["DEFAULT_BODY_HU", "hu_to_scaled", "body_bounding_box", "BodyMask", "BodyCropd"]
 
 DEFAULT_BODY_HU = -300.0
@@ -98,9 +100,10 @@ class BodyCropd(CropForegroundd):
         body_hu: float = DEFAULT_BODY_HU,
         margin: int = 8,
         downsample: int = 4,
-        enabled: bool = True,
+        enabled: Union[bool, str] = True,
         allow_missing_keys: bool = False,
     ) -> None:
+        enabled = as_bool(enabled)
         select = BodyMask(hu_to_scaled(body_hu, hu_range), downsample) if enabled else (lambda x: x == x)
         super().__init__(
             keys,

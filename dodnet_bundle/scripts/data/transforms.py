@@ -9,7 +9,7 @@ loaded image before resampling it (``inference.json`` builds the chain with ``lo
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 import numpy as np
 from monai.transforms import (
@@ -22,6 +22,7 @@ from monai.transforms import (
 )
 
 from scripts.data.body_crop import BodyCropd
+from scripts.utils import as_bool
 
 __all__ = ["ct_loader", "ct_preprocessing", "DEFAULT_PIXDIM", "DEFAULT_HU_RANGE"]
 
@@ -42,7 +43,7 @@ def ct_preprocessing(
     axcodes: str = "RAS",
     load: bool = True,
     image_mode: str = "bilinear",
-    body_crop: bool = False,
+    body_crop: Union[bool, str] = False,
 ) -> List[MapTransform]:
     """Load, orient, resample and normalize a CT image (and optionally its labels).
 
@@ -79,7 +80,7 @@ def ct_preprocessing(
             keys=image_key, a_min=float(hu_range[0]), a_max=float(hu_range[1]), b_min=-1.0, b_max=1.0, clip=True
         ),
     ]
-    if body_crop:
+    if as_bool(body_crop):  # a flag from the command line may arrive as "false"
         steps.append(BodyCropd(keys=keys, source_key=image_key, hu_range=hu_range))
     steps.append(EnsureTyped(keys=image_key, dtype="float32"))
     return steps
