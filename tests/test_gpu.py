@@ -117,3 +117,26 @@ def test_compiled_network_on_gpu_matches_eager_bf16():
         compiled = TaskSlidingWindowInferer(**common, compile_network=True)(image, net)
     assert "_compiled_network" in net.__dict__
     assert (compiled - eager).abs().max() < 0.02
+
+
+def test_training_augmentation_on_the_gpu_matches_the_cpu():
+    """train.json's augment_on_device: the augmented batch stays on the GPU and equals the CPU path's for the
+    same seed (GPU interpolation and convolution round differently, hence the tolerance)."""
+    from monai.data import list_data_collate
+    from monai.engines import PrepareBatchExtraInput
+    from monai.utils import set_determinism
+    from test_device_augmentation import _parser, _samples
+
+    from scripts.training import AugmentOnDevice
+
+    results = []
+    for device in ("cpu", "cuda"):
+        set_determinism(seed=3)
+        parser = _parser(augment_on_device=True)
+        augment = parser.get_parsed_content("train#augmentations") + [parser.get_parsed_content("map_task_labels")]
+        prepare = PrepareBatchExtraInput(extra_keys={"task_id": "task_id"})
+        image, label, _, _ = AugmentOnDevice(augment, prepare)(list_data_collate(_samples()), torch.device(device))
+        assert image.device.type == device and label.device.type == device
+        results.append((image.cpu(), label.cpu()))
+    torch.testing.assert_close(results[1][0].as_tensor(), results[0][0].as_tensor(), atol=1e-3, rtol=0)
+    assert (results[1][1].as_tensor() != results[0][1].as_tensor()).float().mean() < 0.01

@@ -5,5 +5,7 @@ Components are named ``scripts.training.<Name>`` (loaded on first use, see ``scr
 
 from scripts.utils import lazy_exports
 
-__getattr__, __dir__, _EXPORTS = lazy_exports(__name__, ["losses", "checkpoints", "finetune", "sampling", "validation"])
+__getattr__, __dir__, _EXPORTS = lazy_exports(
+    __name__, ["losses", "checkpoints", "finetune", "sampling", "validation", "device_augmentation"]
+)
 __all__ = sorted(_EXPORTS)
