@@ -227,3 +227,44 @@ def test_cpu_flags_are_read_from_cpuinfo():
     if not Path("/proc/cpuinfo").is_file():
         pytest.skip("no /proc/cpuinfo on this system (the detection then answers fp32)")
     assert "fpu" in cpu_flags() or "neon" in cpu_flags() or "asimd" in cpu_flags()
+
+
+_COMPILE_PROBE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from scripts.networks.acceleration import compile_network
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU()).eval()
+with torch.inference_mode():
+    compile_network(net, sys.argv[1])(torch.zeros(1, 1, 8, 8, 8))
+print(json.dumps(dict(counters["inductor"])))
+"""
+
+
+@needs_compiler
+def test_compile_network_reuses_the_compiled_kernels_of_an_earlier_process(tmp_path, bundle_root):
+    """The first process compiles and fills the cache folder; a second process on the machine loads the compiled
+    graph from it (an FX-graph cache hit) instead of compiling again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if "TORCHINDUCTOR" not in k}
+    env["OMP_NUM_THREADS"] = "1"
+    cache = tmp_path / "inductor"
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILE_PROBE, str(cache)],
+            cwd=bundle_root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0].get("fxgraph_cache_miss", 0) >= 1 and runs[0].get("fxgraph_cache_hit", 0) == 0
+    assert runs[1].get("fxgraph_cache_hit", 0) >= 1 and runs[1].get("fxgraph_cache_miss", 0) == 0
+    assert any(cache.iterdir())

@@ -26,6 +26,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInfererAdapt
 
 from scripts.networks.acceleration import (
+    DEFAULT_COMPILE_CACHE,
     autocast,
     compile_dynamic_heads,
     compile_network,
@@ -101,7 +102,8 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
             a few seconds of compiling on the first window; needs a C++ compiler on the CPU).
         compile_network: run the whole network through ``torch.compile`` (fuses the normalizations,
             activations, casts and heads around the convolutions; compiles for tens of seconds on the first
-            window of a process, and again for a different window batch). Supersedes ``compile_head``.
+            window on a machine, reused from ``compile_cache`` by later processes). Supersedes ``compile_head``.
+        compile_cache: folder keeping ``compile_network``'s compiled kernels between processes.
         padding_mode, cval: padding of images smaller than one window (undone in the output).
         sw_device: device of the windows (the network's device).
         device: device of the stitched output. None (default): adaptive, as MONAI's ``SlidingWindowInfererAdapt``:
@@ -140,6 +142,7 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         channels_last: Union[bool, str] = False,
         compile_head: Union[bool, str] = False,
         compile_network: Union[bool, str] = False,
+        compile_cache: Optional[str] = DEFAULT_COMPILE_CACHE,
         padding_mode: str = "constant",
         cval: float = 0.0,
         sw_device: Union[torch.device, str, None] = None,
@@ -176,6 +179,7 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         self.channels_last = as_bool(channels_last)
         self.compile_head = as_bool(compile_head)
         self.compile_network = as_bool(compile_network)
+        self.compile_cache = compile_cache
 
     @property
     def task_id(self) -> torch.Tensor:
@@ -190,7 +194,7 @@ class TaskSlidingWindowInferer(SlidingWindowInfererAdapt):
         if self.channels_last and isinstance(network, torch.nn.Module):
             to_channels_last(network)
         if self.compile_network:
-            network = compile_network(network)  # the heads are traced into the compiled graph
+            network = compile_network(network, self.compile_cache)  # the heads are traced into the compiled graph
         elif self.compile_head and isinstance(network, torch.nn.Module):
             compile_dynamic_heads(network)
         predictor = _TaskProbabilities(

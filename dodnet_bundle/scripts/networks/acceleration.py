@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
-from typing import ContextManager, FrozenSet, Union
+from typing import ContextManager, FrozenSet, Optional, Union
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ __all__ = [
     "input_to_channels_last",
     "compile_dynamic_heads",
     "compile_network",
+    "use_compile_cache",
+    "DEFAULT_COMPILE_CACHE",
 ]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,18 +106,41 @@ def compile_dynamic_heads(network: nn.Module, enabled: bool = True) -> nn.Module
     return network
 
 
-def compile_network(network: nn.Module) -> nn.Module:
+DEFAULT_COMPILE_CACHE = "~/.cache/dodnet/torchinductor"
+"""Where compiled kernels are kept between processes (PyTorch's own default lies in /tmp, often wiped)."""
+
+
+def use_compile_cache(cache_dir: Optional[str] = DEFAULT_COMPILE_CACHE) -> Optional[str]:
+    """Keep ``torch.compile``'s artifacts (Inductor's FX-graph and kernel caches) in ``cache_dir``, so a later
+    process on this machine reuses them instead of compiling again; an explicit ``TORCHINDUCTOR_CACHE_DIR`` in the
+    environment wins. Returns the folder in use (None: PyTorch's default)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return current  # the user's own choice (Inductor writes its default into the environment when first used)
+    if not cache_dir:
+        return current
+    folder = os.path.abspath(os.path.expanduser(str(cache_dir)))
+    os.makedirs(folder, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by Inductor when it first compiles
+    return folder
+
+
+def compile_network(network: nn.Module, cache_dir: Optional[str] = DEFAULT_COMPILE_CACHE) -> nn.Module:
     """``torch.compile(network)`` with static shapes, made once per network and reused on later calls.
 
-    Compiling happens on the first forward of each new input shape (tens of seconds for the full
-    network); the compiled module shares the network's parameters. Channels-last conversion, if any,
-    must come first. Raises ``ValueError`` for a TorchScript module or anything that is not an
-    ``nn.Module`` (a TensorRT engine, a function).
+    Compiling happens on the first forward of each new input shape (tens of seconds for the full network the
+    first time on a machine; the artifacts kept in ``cache_dir`` (``use_compile_cache``) make later processes
+    reuse them); the compiled module shares the network's parameters. Channels-last conversion, if any, must
+    come first. Raises ``ValueError`` for a TorchScript module or anything that is not an ``nn.Module`` (a
+    TensorRT engine, a function).
     """
     if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
         raise ValueError(f"compile_network: cannot torch.compile a {type(network).__name__}")
     compiled = network.__dict__.get("_compiled_network")
     if compiled is None:
+        use_compile_cache(cache_dir)
         compiled = torch.compile(network, dynamic=False)
         network.__dict__["_compiled_network"] = compiled  # not a submodule: absent from state_dict and modules()
     return compiled
