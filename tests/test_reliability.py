@@ -228,7 +228,8 @@ def test_threads_default_to_the_affinity_share_and_are_applied_by_the_configs():
         set_threads(-2)
     for name in ("train.json", "evaluate.json"):  # a run step: scripts is importable only after initialize
         config = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / name))
-        assert {"_target_": "scripts.utils.set_threads", "threads": "@threads"}.items() <= config["run"][0].items()
+        (step,) = [s for s in config["run"] if "set_threads" in str(s)]
+        assert {"_target_": "scripts.utils.set_threads", "threads": "@threads"}.items() <= step.items()
     for name in ("inference.json", "train.json"):
         config = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / name))
         assert config["threads"] is None and not any("set_threads" in str(step) for step in config["initialize"])
@@ -292,3 +293,23 @@ def test_nonfinite_counts_from_the_tensor_for_non_nifti(tmp_path):
     with pytest.raises(BadInputError, match=r"x.mha: 64 of 64 voxels are not finite \(0 NaN, 64 inf\)"):
         CheckCTImaged()({"image": img})
     assert np.isfinite(np.zeros(1)).all()
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["one-line", "DODNET_DEBUG"])
+def test_monai_bundle_run_ends_a_user_error_in_one_line(tmp_path, ct, debug):
+    """python -m monai.bundle run of inference.json with a task that does not exist: one line naming the value and
+    exit code 2 (the config's first run step installs the hook); DODNET_DEBUG=1 keeps MONAI's traceback."""
+    env = {k: v for k, v in os.environ.items() if "TORCHINDUCTOR" not in k and k != "DODNET_DEBUG"}
+    env["OMP_NUM_THREADS"] = "1"
+    if debug:
+        env["DODNET_DEBUG"] = "1"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--input", str(ct), "--output_dir", str(tmp_path / "out"), "--tasks", "livr"]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if debug:
+        assert proc.returncode != 0 and "Traceback" in proc.stderr
+        return
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert line.startswith("monai.bundle run: error: ") and "livr" in line and "liver" in line

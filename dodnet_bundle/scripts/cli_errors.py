@@ -7,7 +7,8 @@ location), 1 for failed cases (an input that cannot be segmented). Any other err
 traceback; ``--debug`` (removed from the arguments before ``main`` sees them) shows the traceback of user errors too.
 
 Used by ``dodnet-segment``, ``dodnet-evaluate``, ``dodnet-prepare-mots``, ``dodnet-preprocess`` and the checkpoint
-converter. ``python -m monai.bundle run`` prints MONAI's own traceback; its last line is the same one-line message.
+converter. Under ``python -m monai.bundle run`` the configs' first run step, ``install_excepthook``, does the same for
+an error that nothing catches (``DODNET_DEBUG=1`` keeps MONAI's traceback).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "config_ids",
     "check_overrides",
     "run_cli",
+    "install_excepthook",
 ]
 
 USAGE_EXIT = 2
@@ -197,3 +199,29 @@ def run_cli(
         raise SystemExit(found[1]) from None
     if isinstance(code, int) and not isinstance(code, bool) and code:
         raise SystemExit(code)
+
+
+def install_excepthook(prog: str = "monai.bundle run") -> None:
+    """Print a known user error that nothing catches as one line ``<prog>: error: <message>`` and exit with its
+    code (2 usage, 1 failed cases) instead of the chained traceback of the config machinery.
+
+    Meant as the first ``run`` step of the bundle's configs (``monai.bundle run`` has the bundle importable from
+    then on; errors of later steps, including the instantiation of their components, reach the hook). Other
+    errors keep their traceback; so do all with ``DODNET_DEBUG=1``. Installing twice is a no-op.
+    """
+    if os.environ.get("DODNET_DEBUG") or getattr(sys.excepthook, "_dodnet_prog", None):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type: Type[BaseException], error: BaseException, tb: Any) -> None:
+        found = user_error_exit(error)
+        if found is None:
+            previous(exc_type, error, tb)
+            return
+        print(f"{prog}: error: {one_line(found[0])} (DODNET_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(found[1])  # the interpreter would exit 1 after a hook; usage errors exit 2
+
+    hook._dodnet_prog = prog  # type: ignore[attr-defined]
+    sys.excepthook = hook

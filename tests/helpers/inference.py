@@ -101,7 +101,7 @@ def run_workflow(inputs: Any, output_dir: Path, ckpt: Path, **overrides: Any) ->
     )
     workflow.initialize()
     assert workflow.check_properties() == []
-    return workflow.run()[0]
+    return workflow.run()[-1]  # the runner's summary (the last run step)
 
 
 def expected_liver_labels(hu: np.ndarray, organ_hu: float = 97.5, tumor_hu: float = 260.0) -> np.ndarray:

@@ -130,7 +130,7 @@ def segment(
         **settings,
     )
     workflow.initialize()
-    summary = workflow.run()[0]
+    summary = workflow.run()[-1]  # the last run step is the runner; the first installs the error hook
     workflow.finalize()
     return summary
 
