@@ -217,6 +217,33 @@ def test_head_chunking_does_not_change_results():
     torch.testing.assert_close(DynamicHead(chunk_voxels=50)(feats, params), whole)
 
 
+def test_training_path_of_the_head_equals_the_inference_path_and_its_gradients_the_chunked_ones():
+    """With autograd on, the head runs whole-map batched products; same logits as the chunked inference path,
+    and the same gradients as the chunked loop had."""
+    torch.manual_seed(4)
+    feats, params = torch.randn(2, 8, 8, 8, 6), torch.randn(2, 3, 162)
+    head = DynamicHead(chunk_voxels=50)
+    with torch.no_grad():
+        chunked = head(feats, params)
+    f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    out = head(f, p)
+    torch.testing.assert_close(out, chunked)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    f_ref, p_ref = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    weights, biases = head.split_params(p_ref)
+    ref = []
+    for b in range(2):
+        y = torch.einsum("koc,cn->kon", weights[0][b], f_ref[b].reshape(8, -1)) + biases[0][b][..., None]
+        for i in (1, 2):
+            y = torch.einsum("koc,kcn->kon", weights[i][b], y.relu()) + biases[i][b][..., None]
+        ref.append(y.reshape(6, 8, 8, 6))
+    ref = torch.stack(ref)
+    torch.testing.assert_close(ref, out.detach(), atol=1e-5, rtol=1e-5)
+    (ref * torch.linspace(-1, 1, ref.numel()).reshape(ref.shape)).sum().backward()
+    torch.testing.assert_close(f.grad, f_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_meta_tensor_input_is_computed_as_a_plain_tensor():
     """MONAI's loaders deliver MetaTensors; the network drops the metadata at the door (it would be carried
     through every layer at ~25% of a CPU training step) and returns the same values as a plain tensor."""

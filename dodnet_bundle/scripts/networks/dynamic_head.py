@@ -22,7 +22,8 @@ class DynamicHead(nn.Module):
 
     The head has no learnable parameters of its own. The first layers of all K heads of a sample
     form one matrix, so the pre-segmentation map is read once for every task; the rest run as
-    batched matrix products over chunks of ``chunk_voxels`` voxels, which stay cache-resident.
+    batched matrix products over chunks of ``chunk_voxels`` voxels, which stay cache-resident. With autograd on
+    (training) every layer is one batched product over the whole map, which keeps the backward pass lean.
 
     With ``compiled`` set (``scripts.networks.acceleration.compile_dynamic_heads``, the inference config's
     ``compile_head``), inference without autograd runs each head as one kernel fused by ``torch.compile``
@@ -87,6 +88,15 @@ class DynamicHead(nn.Module):
                 return fused
         x = features.reshape(batch, channels, -1)  # (B, C, N)
         num_voxels = x.shape[2]
+        if torch.is_grad_enabled():  # training: whole-map batched products (chunks written into slices of one
+            # output would make autograd zero-fill a full-size gradient per chunk in the backward pass)
+            y = torch.baddbmm(biases[0].reshape(batch, -1, 1), weights[0].reshape(batch, -1, channels), x)
+            y = y.reshape(batch * tasks, self.layer_shapes[0][0], num_voxels)  # (B * K, width, N)
+            for i in range(1, len(weights)):
+                c_out, c_in = self.layer_shapes[i]
+                w = weights[i].reshape(batch * tasks, c_out, c_in)
+                y = torch.baddbmm(biases[i].reshape(batch * tasks, c_out, 1), w, y.relu())
+            return y.reshape([batch, tasks * self.out_channels] + list(spatial))
         out = torch.empty(0)
         for b in range(batch):
             # layer 1 of all K heads is one (K * width, C) matrix: the map is read once for every task
