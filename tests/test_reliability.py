@@ -273,6 +273,14 @@ def test_no_swig_warning_at_exit():
     assert result.returncode == 0 and "swig" not in result.stderr.lower(), result.stderr
 
 
+def test_no_nvimagecodec_warning_when_loading_with_pydicom_installed():
+    """MONAI's LoadImage builds its nvImageCodec DICOM reader, which warns that the GPU decoder is missing."""
+    pytest.importorskip("pydicom", reason="the warning comes only with pydicom installed")
+    code = "import scripts; from monai.transforms import LoadImage; LoadImage(reader='ITKReader')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE_ROOT, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0 and "nvimagecodec" not in result.stderr.lower(), result.stderr
+
+
 def test_permission_error_is_named_as_such(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root reads files whatever their permission bits; the check needs an unprivileged user")
