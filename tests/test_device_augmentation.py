@@ -1,10 +1,8 @@
-"""Augmenting on the training device: the same samples as augmenting in the loader, and a training run with it."""
+"""Augmenting on the training device gives the samples of augmenting in the loader (a bundle-run epoch with it:
+test_train_workflow.py)."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import torch
 from helpers.paths import BUNDLE_ROOT
 from monai.bundle import ConfigParser
@@ -63,38 +61,3 @@ def test_without_the_switch_the_loader_augments_and_the_trainer_prepares_as_befo
     chain = parser.get_parsed_content("train#preprocessing")
     assert any(type(t).__name__ == "RandZoomd" for t in chain.transforms)
     assert parser.get_parsed_content("train#device_augmentation") is None
-
-
-@pytest.mark.slow
-def test_one_epoch_with_augmentation_on_the_device(tmp_path):
-    """monai.bundle run of train.json with augment_on_device (the CPU as the device): trains and validates."""
-    import subprocess
-    import sys
-
-    from helpers.paths import REPO_ROOT
-    from helpers.tiny_mots import write_tiny_mots
-
-    data = tmp_path / "data"
-    write_tiny_mots(data, shape=(40, 40, 20))
-    overrides = {
-        "bundle_root": str(BUNDLE_ROOT),
-        "dataset_dir": str(data),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "eval"),
-        "epochs": 1,
-        "val_interval": 1,
-        "patch_size": [32, 32, 16],
-        "batch_size": 4,
-        "num_workers": 0,
-        "network_def#base_channels": 4,
-        "augment_on_device": True,
-    }
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE_ROOT / "configs" / "train.json")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = {k: v for k, v in __import__("os").environ.items() if "TORCHINDUCTOR" not in k}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert "val_mean_dice" in proc.stdout + proc.stderr

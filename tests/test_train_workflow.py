@@ -194,6 +194,15 @@ def test_one_tiny_epoch_through_bundle_run(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+def test_one_epoch_with_augmentation_on_the_device(tmp_path, tiny_data):
+    """augment_on_device (the CPU as the device here): the loader only cuts patches; training and validation run."""
+    result = _bundle_run(_overrides(tmp_path, tiny_data, augment_on_device=True))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert (tmp_path / "models" / "model.pt").is_file() and "val_mean_dice: " in log
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path, tiny_data):
     """Kill a 2-epoch run during epoch 2; the next start restores epoch, LR schedule, optimizer and weights."""
     overrides = _overrides(tmp_path, tiny_data, epochs=2, val_interval=100, batch_size=2)  # 4 iterations/epoch
