@@ -321,3 +321,22 @@ def test_monai_bundle_run_ends_a_user_error_in_one_line(tmp_path, ct, debug):
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
     assert line.startswith("monai.bundle run: error: ") and "livr" in line and "liver" in line
+
+
+def test_monai_bundle_run_with_a_failed_case_exits_1_in_one_line(tmp_path):
+    """A case that cannot be segmented (an empty file) under python -m monai.bundle run of inference.json: the
+    other work is done, then one line naming the file, exit code 1."""
+    bad = tmp_path / "empty.nii.gz"
+    bad.write_bytes(b"")
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "tiny.pt")
+    env = {k: v for k, v in os.environ.items() if "TORCHINDUCTOR" not in k and k != "DODNET_DEBUG"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--input", str(bad), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(ckpt)]
+    cmd += ["--network_def#base_channels", "8", "--network_def#norm_groups", "8", "--network_def#blocks", "[1,1,1,1,1]"]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert line.startswith("monai.bundle run: error: 1 of 1 case(s) failed") and str(bad) in line
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["failed"][0]["input"] == str(bad)

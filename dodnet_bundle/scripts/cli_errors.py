@@ -61,6 +61,7 @@ _KNOWN: Tuple[Tuple[str, str, int], ...] = (
     ("scripts.data.prepare_mots", "DataPreparationError", USAGE_EXIT),
     ("scripts.data.preprocess", "PreprocessError", USAGE_EXIT),
     ("scripts.data.cases", "BadInputError", FAILED_EXIT),
+    ("scripts.inference.runner", "CasesFailedError", FAILED_EXIT),
 )
 
 
