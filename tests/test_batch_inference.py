@@ -58,6 +58,24 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _killed_when_replacing(suffix: str, cohort: Path, out: Path, ckpt: Path) -> subprocess.CompletedProcess:
+    """Run inference.json (liver, IntensityNet) over ``cohort`` in a child process that SIGKILLs itself as a file
+    ending in ``suffix`` is about to take its final name (``os.replace``)."""
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(TESTS_DIR)!r}, {str(BUNDLE_ROOT)!r}]
+        real_replace = os.replace
+        def replace(src, dst):
+            if str(dst).endswith({suffix!r}):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+        os.replace = replace
+        from helpers.inference import IntensityNet, run_workflow
+        run_workflow({str(cohort)!r}, {str(out)!r}, {str(ckpt)!r}, network_def=IntensityNet(), tasks="liver")
+        """)
+    return subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=300)
+
+
 def test_cohort_detection_and_summary_merge(tmp_path, real_ct):
     cohort = _cohort(tmp_path / "cohort", ["a"])
     assert is_cohort_input(str(cohort)) and is_cohort_input([str(cohort / "a.nii.gz"), str(cohort)])
@@ -89,19 +107,8 @@ def test_restart_skips_finished_cases_and_redoes_a_case_killed_mid_write(tmp_pat
     cohort = _cohort(tmp_path / "cohort", ["a", "b"])
     out = tmp_path / "out"
     ckpt = save_checkpoint(IntensityNet(), tmp_path / "stub.pt")
-    child = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = [{str(TESTS_DIR)!r}, {str(BUNDLE_ROOT)!r}]
-        real_replace = os.replace
-        def replace(src, dst):  # killed just before b's report (the commit marker) takes its final name
-            if str(dst).endswith("b_report.json"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            real_replace(src, dst)
-        os.replace = replace
-        from helpers.inference import IntensityNet, run_workflow
-        run_workflow({str(cohort)!r}, {str(out)!r}, {str(ckpt)!r}, network_def=IntensityNet(), tasks="liver")
-        """)
-    killed = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=300)
+    # killed just before b's report (the commit marker) takes its final name
+    killed = _killed_when_replacing("b_report.json", cohort, out, ckpt)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (out / "a_report.json").is_file() and (out / "b_seg.nii.gz").is_file()
     assert not (out / "b_report.json").exists() and not (out / "summary.json").exists()
@@ -310,19 +317,8 @@ def test_a_rerun_with_other_options_killed_mid_case_leaves_no_mixed_folder(tmp_p
     first = run_workflow(str(cohort), out, ckpt, network_def=IntensityNet(), tasks="liver", save_masks=True)
     masks = sorted(p.name for p in out.glob("a_*_mask.nii.gz"))
     assert len(first["succeeded"]) == 1 and masks == ["a_liver_mask.nii.gz", "a_liver_tumor_mask.nii.gz"]
-    child = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = [{str(TESTS_DIR)!r}, {str(BUNDLE_ROOT)!r}]
-        real_replace = os.replace
-        def replace(src, dst):  # killed as the new label map takes its final name
-            if str(dst).endswith("a_seg.nii.gz"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            real_replace(src, dst)
-        os.replace = replace
-        from helpers.inference import IntensityNet, run_workflow
-        run_workflow({str(cohort)!r}, {str(out)!r}, {str(ckpt)!r}, network_def=IntensityNet(), tasks="liver")
-        """)
-    killed = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=300)
+    # killed as the new label map takes its final name
+    killed = _killed_when_replacing("a_seg.nii.gz", cohort, out, ckpt)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "a_report.json").exists() and (out / "a_liver_mask.nii.gz").exists()  # retired, not replaced
 

@@ -72,6 +72,16 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _torchrun_two_ranks(overrides: Dict[str, Any]) -> subprocess.CompletedProcess:
+    """train.json + multi_gpu_train.json in 2 gloo processes through torchrun."""
+    config = json.dumps([str(TRAIN), str(MULTI_GPU)])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "--config_file", config, "--dist_backend", "gloo",
+    ] + _cli(overrides)  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
 def _bundle_run(overrides: Dict[str, Any], config: str = str(TRAIN)) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config] + _cli(overrides)
     return subprocess.run(
@@ -298,12 +308,7 @@ def test_resumed_run_keeps_the_best_metric_of_the_first(tmp_path, tiny_data, cap
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, tiny_data):
     overrides = _overrides(tmp_path, tiny_data, batch_size=2)
-    config = json.dumps([str(TRAIN), str(MULTI_GPU)])
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "--config_file", config, "--dist_backend", "gloo",
-    ] + _cli(overrides)  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = _torchrun_two_ranks(overrides)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
@@ -403,12 +408,7 @@ def test_one_tiny_epoch_from_preprocessed_dir(tmp_path, tiny_data, tiny_preproce
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_from_preprocessed_dir(tmp_path, tiny_data, tiny_preprocessed):
     overrides = _overrides(tmp_path, tiny_data, preprocessed_dir=str(tiny_preprocessed), dataset_dir="", batch_size=2)
-    config = json.dumps([str(TRAIN), str(MULTI_GPU)])
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "--config_file", config, "--dist_backend", "gloo",
-    ] + _cli(overrides)  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = _torchrun_two_ranks(overrides)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     # 7 training items over 2 ranks (4 each, wrapped), batch 2 -> 2 iterations per rank
