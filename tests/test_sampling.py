@@ -69,3 +69,16 @@ def test_bad_arguments():
         TaskSampler(ITEMS, sampling="balanced")
     with pytest.raises(ValueError, match="num_samples"):
         TaskSampler(ITEMS, num_samples=0)
+
+
+def test_sampler_follows_the_dataset_when_its_data_is_replaced():
+    """MONAI Label trains by setting train#dataset#data to its own items: the sampler must draw from those."""
+    from helpers.paths import BUNDLE_ROOT
+    from monai.bundle import ConfigParser
+
+    items = [{"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz", "task": "liver"} for i in range(3)]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "train#dataset#data": items, "cache_rate": 0.0})
+    sampler = parser.get_parsed_content("train#sampler")
+    assert len(sampler) == 3 and sorted(iter(sampler)) == [0, 1, 2]
