@@ -28,7 +28,6 @@ and the command line flags override demo.json's values, e.g. ``dodnet-demo --epo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -39,12 +38,13 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
-from scripts.tasks import TASKS, PostRule, resolve_task
+from scripts.inference.postprocessing import TaskPostProcessd
+from scripts.tasks import TASKS, resolve_task
 from scripts.utils import BUNDLE_ROOT, write_json_atomic
 
 __all__ = [
@@ -149,52 +149,15 @@ def demo_settings(overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, An
     return settings
 
 
-class RuleTaskPostProcessd:
-    """``scripts.inference.TaskPostProcessd`` with some fields of the tasks' ``PostRule`` replaced.
+class RuleTaskPostProcessd(TaskPostProcessd):
+    """``scripts.inference.TaskPostProcessd`` with the demo's ``post_rules`` (its ``rules`` argument): the name
+    the demo's evaluation and inference overrides point at, so a reader of the overrides sees the demo's rules.
 
     Args:
         rules: ``{task name: {PostRule field: value}}`` (e.g. ``{"liver": {"tumor_min_voxels": 5}}``);
             tasks not listed keep their published rule (``scripts/tasks.py``).
-        kwargs: ``TaskPostProcessd``'s arguments (``keys``, ``tasks``, ``enabled``, ``task_id_key`` ...).
+        kwargs: ``TaskPostProcessd``'s other arguments (``keys``, ``tasks``, ``enabled``, ``task_id_key`` ...).
     """
-
-    def __init__(self, rules: Optional[Mapping[str, Mapping[str, Any]]] = None, **kwargs: Any) -> None:
-        from scripts.inference import TaskPostProcessd
-
-        self.base = TaskPostProcessd(**kwargs)
-        self.rules: Dict[int, PostRule] = {}
-        for name, fields in (rules or {}).items():
-            spec = resolve_task(name)
-            self.rules[spec.id] = dataclasses.replace(spec.post, **dict(fields))
-
-    def rule(self, task_id: int) -> PostRule:
-        """The rule applied to the masks of task ``task_id``."""
-        return self.rules.get(int(task_id), resolve_task(int(task_id)).post)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
-        import torch
-
-        from scripts.inference import apply_post_rule
-
-        d = dict(data)
-        base = self.base
-        if not base.enabled:
-            return d
-        tasks = base.tasks
-        if base.task_id_key is not None:
-            tasks = (resolve_task(int(torch.as_tensor(d[base.task_id_key]).reshape(-1)[0])),)
-        for key in base.key_iterator(d):
-            masks = d[key]
-            if masks.shape[0] != 2 * len(tasks):
-                raise ValueError(f"{key}: {masks.shape[0]} channels for {len(tasks)} tasks (expected 2 per task)")
-            for k, spec in enumerate(tasks):
-                organ, tumor = apply_post_rule(
-                    masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], self.rule(spec.id), base.connectivity
-                )
-                masks[2 * k : 2 * k + 1] = organ
-                masks[2 * k + 1 : 2 * k + 2] = tumor
-            d[key] = masks
-        return d
 
 
 def _post_rule_overrides(config_file: str, rules: Mapping[str, Any]) -> Dict[str, Any]:

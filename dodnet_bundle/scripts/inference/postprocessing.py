@@ -17,6 +17,7 @@ Input of this stage: binary masks (2K, H, W, D) of the K requested tasks (channe
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -89,6 +90,8 @@ class TaskPostProcessd(MapTransform):
         connectivity: neighbourhood of connected components (3 = full 26-neighbourhood).
         task_id_key: if given, each item's masks are (2, H, W, D) for the item's own task, whose id is
             read from this key (as ``MapTaskLabelsd`` writes it); ``tasks`` is then ignored.
+        rules: ``{task name: {PostRule field: value}}`` replacing fields of those tasks' published rules (e.g.
+            ``{"liver": {"tumor_min_voxels": 5}}`` for small synthetic tumors); unlisted tasks keep theirs.
     """
 
     def __init__(
@@ -99,12 +102,21 @@ class TaskPostProcessd(MapTransform):
         connectivity: int = 3,
         task_id_key: Optional[str] = None,
         allow_missing_keys: bool = False,
+        rules: Optional[Mapping[str, Mapping[str, object]]] = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.tasks = resolve_tasks(tasks)
         self.enabled = as_bool(enabled)
         self.connectivity = connectivity
         self.task_id_key = task_id_key
+        self.rules: Dict[int, PostRule] = {}
+        for name, fields in (rules or {}).items():
+            spec = resolve_task(name)
+            self.rules[spec.id] = dataclasses.replace(spec.post, **dict(fields))
+
+    def rule(self, task_id: int) -> PostRule:
+        """The rule applied to the masks of task ``task_id`` (published unless ``rules`` replaced fields)."""
+        return self.rules.get(int(task_id), resolve_task(int(task_id)).post)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -118,7 +130,7 @@ class TaskPostProcessd(MapTransform):
             _check_channels(masks, tasks, key)
             for k, spec in enumerate(tasks):
                 organ, tumor = apply_post_rule(
-                    masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], spec.post, self.connectivity
+                    masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], self.rule(spec.id), self.connectivity
                 )
                 masks[2 * k : 2 * k + 1] = organ
                 masks[2 * k + 1 : 2 * k + 2] = tumor
