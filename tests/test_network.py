@@ -141,6 +141,28 @@ def test_conditioning_modes():
         TaskController(7, 16, 162, mode="both")
 
 
+def test_task_heads_initialization():
+    net = tiny_net(controller_init="task_heads", head_width=16, preseg_channels=16)
+    head, fc = net.head, net.controller.fc
+    fan_in = head.param_fan_in()
+    assert fan_in.shape == (head.num_params,)
+    assert int((fan_in == 0).sum()) == sum(c_out for c_out, _ in head.layer_shapes)  # one entry per bias
+    feats = torch.randn(3, net.backbone.feature_channels)
+    params = net.controller(feats, torch.arange(7).expand(3, 7))  # (3 images, 7 tasks, num_params)
+    torch.testing.assert_close(params[0], params[2])  # at the start the head depends on the task alone
+    assert not torch.allclose(params[0, 0], params[0, 1])  # and every task has its own
+    assert params[..., fan_in == 0].abs().max() == 0  # biases start at zero
+    kernels = params[0][:, fan_in == 16]  # the second layer's kernels: He scale times the gain of 2
+    assert 0.8 * 2 * (2 / 16) ** 0.5 < float(kernels.std()) < 1.2 * 2 * (2 / 16) ** 0.5
+    net.train()
+    net(torch.randn(2, 1, *SHAPE), torch.tensor([1, 4])).square().mean().backward()
+    assert fc.weight.grad[:, : net.backbone.feature_channels].abs().sum() > 0  # image conditioning is learned
+    with pytest.raises(ValueError, match="task encoding"):
+        tiny_net(controller_init="task_heads", conditioning="image")
+    with pytest.raises(ValueError, match="controller_init"):
+        tiny_net(controller_init="xavier")
+
+
 def test_weight_standardization_can_be_switched_off():
     assert any(isinstance(m, WSConv3d) for m in tiny_net().modules())
     plain = tiny_net(weight_std=False)

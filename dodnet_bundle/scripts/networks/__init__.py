@@ -2,7 +2,7 @@
 
 from .backbone import DoDNetBackbone
 from .blocks import PreActResBlock
-from .controller import CONDITIONING_MODES, TaskController
+from .controller import CONDITIONING_MODES, CONTROLLER_INITS, TaskController
 from .dodnet import DoDNet
 from .dynamic_head import DynamicHead
 from .segmenter import DoDNetSegmenter
@@ -10,6 +10,7 @@ from .ws_conv import WSConv3d, standardize_weight
 
 __all__ = [
     "CONDITIONING_MODES",
+    "CONTROLLER_INITS",
     "DoDNet",
     "DoDNetBackbone",
     "DoDNetSegmenter",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backbone import DoDNetBackbone
-from .controller import TaskController
+from .controller import CONTROLLER_INITS, TaskController
 from .dynamic_head import DynamicHead
 
 __all__ = ["DoDNet"]
@@ -33,6 +33,8 @@ class DoDNet(nn.Module):
         weight_std: weight-standardized convolutions in the encoder-decoder (True).
         conditioning: ``"dodnet"`` (image + task), ``"task"`` (task only) or ``"image"`` (Cond-NO).
         norm_groups: GroupNorm groups (16).
+        controller_init: ``"default"`` (PyTorch's initialization of the controller, as the authors') or
+            ``"task_heads"`` (each task starts from its own He-scaled head, ``TaskController.init_task_heads``).
 
     Forward:
         image: (B, in_channels, H, W, D), every spatial size divisible by 16.
@@ -56,6 +58,7 @@ class DoDNet(nn.Module):
         weight_std: bool = True,
         conditioning: str = "dodnet",
         norm_groups: int = 16,
+        controller_init: str = "default",
     ) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -66,6 +69,10 @@ class DoDNet(nn.Module):
         self.backbone = DoDNetBackbone(in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std)
         self.head = DynamicHead(preseg_channels, head_width, head_depth, out_channels=2)
         self.controller = TaskController(num_tasks, self.backbone.feature_channels, self.head.num_params, conditioning)
+        if controller_init not in CONTROLLER_INITS:
+            raise ValueError(f"controller_init must be one of {CONTROLLER_INITS}, got {controller_init!r}")
+        if controller_init == "task_heads":
+            self.controller.init_task_heads(self.head.param_fan_in())
 
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is (B, in_channels, H, W, D) with sizes divisible by 16."""

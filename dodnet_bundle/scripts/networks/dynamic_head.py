@@ -57,6 +57,12 @@ class DynamicHead(nn.Module):
         self.chunk_voxels = chunk_voxels
         self.compiled = False
 
+    def param_fan_in(self) -> torch.Tensor:
+        """(num_params,) int64: for each parameter of a head, the input channels of its layer (0 for biases)."""
+        kernels = [torch.full((c_out * c_in,), c_in, dtype=torch.long) for c_out, c_in in self.layer_shapes]
+        biases = [torch.zeros(c_out, dtype=torch.long) for c_out, _ in self.layer_shapes]
+        return torch.cat(kernels + biases)
+
     def split_params(self, params: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Split (B, K, num_params) into per-layer kernels (B, K, C_out, C_in) and biases (B, K, C_out)."""
         batch, tasks = params.shape[0], params.shape[1]
