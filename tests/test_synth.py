@@ -114,10 +114,11 @@ def test_encode_task_label_inverts_the_rules() -> None:
 
 
 def test_generation_is_deterministic_and_cached(dataset: Path, tmp_path: Path) -> None:
+    """Also: two worker processes write the same files as one (``dataset`` is written in-process)."""
     datalist = json.loads(dataset.read_text())
     assert [len(datalist[k]) for k in ("training", "validation", "test")] == [7, 0, 7]
     assert sorted({it["task"] for it in datalist["training"]}) == sorted(t.name for t in TASKS)
-    again = ensure_mots_synth(tmp_path, num_per_task=1, num_val_per_task=0, num_test_per_task=1)
+    again = ensure_mots_synth(tmp_path, num_per_task=1, num_val_per_task=0, num_test_per_task=1, workers=2)
     for item in datalist["training"] + datalist["test"]:
         for key in ("image", "label"):
             assert not Path(item[key]).is_absolute()

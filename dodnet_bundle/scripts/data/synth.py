@@ -569,6 +569,7 @@ def ensure_mots_synth(
     fov_mm: Sequence[float] = DEFAULT_FOV_MM,
     size: str = "demo",
     max_slices: int = DEFAULT_MAX_SLICES,
+    workers: int = 1,
 ) -> Path:
     """Generate MOTS-synth into ``cache_dir`` once and return the path of its datalist JSON.
 
@@ -588,6 +589,8 @@ def ensure_mots_synth(
         fov_mm: field of view of each volume's phantom in mm (x, y, z).
         size: ``"demo"`` (miniature volumes) or ``"realistic"`` (MOTS-sized grids), see ``generate_case``.
         max_slices: upper bound of a realistic volume's slice count.
+        workers: processes writing the missing volumes (each volume has its own random stream, so the
+            files do not depend on this); 1 writes them in this process.
 
     Returns:
         the datalist JSON path: ``{"training": [...], "validation": [...], "test": [...]}``, items
@@ -618,17 +621,17 @@ def ensure_mots_synth(
         if _complete(datalist_path):
             return datalist_path
         datalist: Dict[str, List[Dict[str, str]]] = {split: [] for split in SPLITS}
+        missing: List[_CaseJob] = []
         for split in SPLITS:
             for spec in specs:
                 for index in range(counts[split]):
                     case = f"{spec.name}_{split[:5]}_{index:03d}"
                     item = {"image": f"images/{case}.nii.gz", "label": f"labels/{case}.nii.gz", "task": spec.name}
                     if not ((root / item["image"]).is_file() and (root / item["label"]).is_file()):
-                        rng = case_rng(seed, spec.id, split, index)
-                        case_data = generate_case(spec, rng, fov, size, int(max_slices))
-                        _save_nifti(case_data.image, case_data.affine, root / item["image"])
-                        _save_nifti(case_data.label, case_data.affine, root / item["label"])
+                        job = _CaseJob(root, item, spec.id, split, index, int(seed), fov, size, int(max_slices))
+                        missing.append(job)
                     datalist[split].append(item)
+        _write_cases(missing, workers)
         params = {"version": SYNTH_VERSION, "seed": int(seed), "cases_per_task": counts, "fov_mm": list(fov)}
         params["tasks"] = [s.name for s in specs]
         if size != "demo":  # demo data sets keep their earlier synth.json
@@ -636,6 +639,44 @@ def ensure_mots_synth(
         write_json_atomic(params, root / "synth.json")
         write_json_atomic(datalist, datalist_path)
     return datalist_path
+
+
+class _CaseJob(NamedTuple):
+    """One volume for ``_write_case``: where it goes and what it is drawn from."""
+
+    root: Path
+    item: Dict[str, str]
+    task_id: int
+    split: str
+    index: int
+    seed: int
+    fov: Tuple[float, ...]
+    size: str
+    max_slices: int
+
+
+def _write_case(job: _CaseJob) -> None:
+    """Generate one volume from its own random stream and write its image and label atomically."""
+    rng = case_rng(job.seed, job.task_id, job.split, job.index)
+    case_data = generate_case(resolve_task(job.task_id), rng, job.fov, job.size, job.max_slices)
+    _save_nifti(case_data.image, case_data.affine, job.root / job.item["image"])
+    _save_nifti(case_data.label, case_data.affine, job.root / job.item["label"])
+
+
+def _write_cases(jobs: Sequence[_CaseJob], workers: int) -> None:
+    """Write ``jobs`` in order in this process (``workers`` <= 1) or across ``workers`` spawned processes."""
+    workers = min(int(workers), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            _write_case(job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawned, not forked: the caller may hold torch's thread pools or other threads (the demo's progress bar)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in pool.map(_write_case, jobs):
+            pass
 
 
 def _complete(datalist_path: Path) -> bool:
