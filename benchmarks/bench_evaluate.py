@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -50,16 +49,6 @@ def ellipsoid_maps(shape, spacing):
     return pred, ref
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="512,512,300")
@@ -94,6 +83,9 @@ def main() -> None:
             env=dict(os.environ),
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    from scripts.networks.acceleration import cpu_name
+
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPU cores, no GPU used")
     print(f"evaluate_folders, 1 case {shape} at {spacing} mm, 11 structures (Dice, HD95, NSD):")
     print(f"  {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB (mean Dice {result['dice']:.3f})")

@@ -51,6 +51,7 @@ def main() -> None:
         "meets_time_target": wall <= TARGET_SECONDS,
         "meets_dice_target": result["organ_mean_dice"] >= TARGET_ORGAN_DICE
         and result["tumor_mean_dice"] >= TARGET_TUMOR_DICE,
+        "cpu": result["cpu"],
         "cpu_count": result["cpu_count"],
         "load_average": result["load_average"],
         "settings": result["settings"],

@@ -7,6 +7,16 @@ from scripts.utils import lazy_exports
 
 __getattr__, __dir__, _EXPORTS = lazy_exports(
     __name__,
-    ["transforms", "body_crop", "label_mapping", "datalist", "cases", "monailabel_compat", "preprocess", "patches", "augment"],
+    [
+        "transforms",
+        "body_crop",
+        "label_mapping",
+        "datalist",
+        "cases",
+        "monailabel_compat",
+        "preprocess",
+        "patches",
+        "augment",
+    ],
 )
 __all__ = sorted(_EXPORTS)

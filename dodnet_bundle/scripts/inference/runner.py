@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 
 from scripts.cli_errors import check_output_location
 from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
-from scripts.inference.timing import PhaseTimer, postprocessing_phase, preprocessing_phase
 from scripts.inference.lock import run_lock
+from scripts.inference.timing import PhaseTimer, postprocessing_phase, preprocessing_phase
 from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
 from scripts.utils import as_bool, root_cause, write_json_atomic

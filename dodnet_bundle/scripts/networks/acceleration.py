@@ -25,6 +25,7 @@ __all__ = [
     "PRECISIONS",
     "NATIVE_BF16_CPU_FLAGS",
     "cpu_flags",
+    "cpu_name",
     "cpu_has_native_bf16",
     "resolve_precision",
     "autocast",
@@ -49,6 +50,19 @@ def cpu_flags() -> FrozenSet[str]:
     except OSError:
         return frozenset()
     return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split()[2:])
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform``'s processor or machine name elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16() -> bool:
