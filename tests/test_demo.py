@@ -71,11 +71,14 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     assert network.backbone is not None and parser.get_parsed_content("network_def#base_channels") == 8
     assert parser.get_parsed_content("optimizer#_target_") == "torch.optim.Adam"
     assert parser.get("train#augmentations") == []
+    assert network.controller.fc.weight[:, : network.backbone.feature_channels].abs().max() == 0  # task_heads
+    assert parser.get_parsed_content("loss").bce_weight == 0.3
     assert parser.get_parsed_content("synth_options") == {
         "num_per_task": 12,
         "num_val_per_task": 2,
         "num_test_per_task": 4,
         "seed": 0,
+        "workers": 2,
     }
     settings = demo_settings()
     assert {k: settings[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS  # what run_demo reports is demo.json's

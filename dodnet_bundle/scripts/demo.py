@@ -2,11 +2,12 @@
 
 ``bash dev.sh demo`` (console script ``dodnet-demo``) runs, through the bundle's own configs:
 
-1. ``scripts.data.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once);
+1. ``scripts.data.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once, by
+   ``synth_workers`` processes);
 2. ``configs/train.json`` + ``configs/demo.json``: a DoDNet of width 8 (GroupNorm groups scaled to the
-   width) trained on whole-volume patches of 64 x 64 x 32 voxels with Adam, without spatial augmentation
-   (left-right flips would swap the liver and spleen sides of the phantom; the published augmentations
-   stay in train.json);
+   width, the controller's ``task_heads`` initialization) trained on whole-volume patches of 64 x 64 x 32
+   voxels with Adam and Dice + 0.3 BCE, without spatial augmentation (left-right flips would swap the liver
+   and spleen sides of the phantom; the published augmentations stay in train.json);
 3. ``configs/train.json`` + ``configs/evaluate.json`` + ``configs/demo.json``: Dice per task and
    structure on the held-out test split (``summary.json``, ``metrics.csv``);
 4. ``configs/inference.json`` with demo.json's network settings: all seven tasks on one held-out volume,
@@ -44,6 +45,7 @@ import numpy as np
 
 from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
 from scripts.inference.postprocessing import TaskPostProcessd
+from scripts.networks.acceleration import cpu_name
 from scripts.tasks import TASKS, resolve_task
 from scripts.utils import BUNDLE_ROOT, write_json_atomic
 
@@ -72,6 +74,7 @@ FLAG_IDS: Dict[str, str] = {
     "num_val_per_task": "synth_options#num_val_per_task",
     "num_test_per_task": "synth_options#num_test_per_task",
     "seed": "synth_options#seed",
+    "synth_workers": "synth_options#workers",
     "epochs": "epochs",
     "val_interval": "val_interval",
     "base_channels": "network_def#base_channels",
@@ -473,6 +476,7 @@ def run_demo(
     norm_groups: Optional[int] = None,
     threads: Optional[int] = None,
     seed: Optional[int] = None,
+    synth_workers: Optional[int] = None,
     val_interval: Optional[int] = None,
     fresh: bool = True,
     infer: bool = True,
@@ -489,7 +493,7 @@ def run_demo(
         base_channels: DoDNet width (32 in the paper).
         patch_size: training patch (whole volume) and sliding-window size, divisible by 16.
         batch_size: training batch size.
-        learning_rate: Adam learning rate (poly decay over ``epochs``, as train.json).
+        learning_rate: Adam learning rate (poly decay over ``epochs``, as train.json; demo.json: 0.0015).
         weight_std: weight-standardized convolutions (the paper's choice).
         preseg_channels, head_width: the dynamic head's input and hidden widths (8 and 8 in the paper);
             16 lets the short run separate the tasks' heads sooner (measured on MOTS-synth).
@@ -497,6 +501,7 @@ def run_demo(
             level); 4 keeps that ratio at width 8 instead of normalizing every channel on its own.
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
+        synth_workers: processes generating MOTS-synth (the volumes do not depend on it).
         val_interval: validate every N epochs.
         fresh: start training from scratch (delete ``output_dir/models``); False resumes a killed run.
         infer: run configs/inference.json on one held-out volume.
@@ -510,6 +515,7 @@ def run_demo(
         num_val_per_task=num_val_per_task,
         num_test_per_task=num_test_per_task,
         seed=seed,
+        synth_workers=synth_workers,
         epochs=epochs,
         val_interval=val_interval,
         base_channels=base_channels,
@@ -542,7 +548,7 @@ def run_demo(
     print(
         "time: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-        + f"  ({os.cpu_count()} CPU cores, load average at start {result['load_average']['start']}); "
+        + f"  ({result['cpu']}, {os.cpu_count()} CPU cores, load average at start {result['load_average']['start']}); "
         + f"full log: {log_path}",
         flush=True,
     )
@@ -634,6 +640,7 @@ def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bo
         "held_out": held_out,
         "datalist": Path(datalist).resolve().relative_to(out.resolve()).as_posix(),
         "settings": {**settings, "threads": threads},
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": {"start": load_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
