@@ -61,13 +61,19 @@ def _datasets(datalist: Path, patch: Sequence[int]) -> Tuple[CacheDataset, Cache
 
 
 def _train(
-    net: DoDNet, data: torch.utils.data.Dataset, iterations: int, batch_size: int, lr: float, fixed_task: Optional[int]
+    net: DoDNet,
+    data: torch.utils.data.Dataset,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    fixed_task: Optional[int],
+    bce_weight: float = 1.0,
 ) -> float:
     """Train ``net`` for ``iterations`` steps (Adam); ``fixed_task`` feeds task id 0 (single-task nets)."""
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=len(data) > batch_size)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, iterations), power=0.9)
-    loss_fn = PartialLabelDiceBCELoss()
+    loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight)
     net.train()
     step, start = 0, time.time()
     while step < iterations:
@@ -115,12 +121,16 @@ def run_ablation(
     patch: Sequence[int] = (64, 64, 32),
     preseg_channels: int = 16,
     head_width: int = 16,
+    controller_init: str = "default",
+    bce_weight: float = 1.0,
+    norm_groups: int = 16,
+    num_test_per_task: int = 2,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant; returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
-    datalist = ensure_mots_synth(cache_dir, num_per_task=num_per_task, seed=seed)
+    datalist = ensure_mots_synth(cache_dir, num_per_task=num_per_task, seed=seed, num_test_per_task=num_test_per_task)
     train_data, test_data = _datasets(datalist, patch)
     results: Dict[str, Dict[str, object]] = {}
     for variant in variants:
@@ -130,6 +140,8 @@ def run_ablation(
             conditioning=CONDITIONING[variant],
             preseg_channels=preseg_channels,
             head_width=head_width,
+            norm_groups=norm_groups,
+            controller_init="default" if variant == "cond_no" else controller_init,
         )
         seconds = 0.0
         if variant == "multi_nets":
@@ -137,11 +149,11 @@ def run_ablation(
             for spec in TASKS:
                 subset = [d for d in train_data if int(d["task_id"]) == spec.id]
                 nets[spec.id] = DoDNet(num_tasks=1, **kwargs)
-                seconds += _train(nets[spec.id], subset, iterations // len(TASKS), batch_size, lr, fixed_task=0)
+                seconds += _train(nets[spec.id], subset, iterations // len(TASKS), batch_size, lr, 0, bce_weight)
             scores = _score(nets, test_data, single_task=True)
         else:
             net = DoDNet(num_tasks=len(TASKS), **kwargs)
-            seconds = _train(net, train_data, iterations, batch_size, lr, fixed_task=None)
+            seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight)
             scores = _score({-1: net}, test_data, single_task=False)
         results[variant] = {"dice": {k: float(np.mean(v)) for k, v in scores.items()}, "seconds": seconds}
         print(f"{variant}: trained in {seconds:.0f} s", flush=True)
@@ -174,6 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--preseg_channels", type=int, default=16, help="dynamic head input width (as the demo)")
     parser.add_argument("--head_width", type=int, default=16, help="dynamic head hidden width (as the demo)")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--controller_init", default="default", help="'default' or 'task_heads' (not for cond_no)")
+    parser.add_argument("--norm_groups", type=int, default=16, help="GroupNorm groups (capped at the width; demo: 4)")
+    parser.add_argument("--bce_weight", type=float, default=1.0, help="weight of the BCE term of the loss")
+    parser.add_argument("--num_test_per_task", type=int, default=2, help="MOTS-synth test volumes per task")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache_dir", default=".cache/ablation_synth")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -190,6 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.cache_dir,
         preseg_channels=args.preseg_channels,
         head_width=args.head_width,
+        controller_init=args.controller_init,
+        bce_weight=args.bce_weight,
+        norm_groups=args.norm_groups,
+        num_test_per_task=args.num_test_per_task,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
