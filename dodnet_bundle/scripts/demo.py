@@ -39,7 +39,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,6 +54,7 @@ __all__ = [
     "DEMO_DEFAULTS",
     "FLAG_IDS",
     "RuleTaskPostProcessd",
+    "demo_inference_overrides",
     "demo_overrides",
     "demo_settings",
     "run_demo",
@@ -161,6 +162,23 @@ class RuleTaskPostProcessd(TaskPostProcessd):
             tasks not listed keep their published rule (``scripts/tasks.py``).
         kwargs: ``TaskPostProcessd``'s other arguments (``keys``, ``tasks``, ``enabled``, ``task_id_key`` ...).
     """
+
+
+def demo_inference_overrides(
+    ckpt_path: Union[str, os.PathLike], overrides: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+    """Overrides of ``configs/inference.json`` that run the demo's network (``ckpt_path``) with its post_rules.
+
+    ``overrides`` are the demo's own (config ids of train.json + demo.json, ``demo_overrides``); the caller adds
+    ``input`` and ``output_dir``.
+    """
+    train_parser = _parser(["train.json", "demo.json"], overrides or {})
+    return {
+        **{cid: train_parser.get_parsed_content(cid) for cid in NETWORK_IDS},
+        **_post_rule_overrides("inference.json", train_parser.get("post_rules", {})),
+        "bundle_root": str(BUNDLE_ROOT),
+        "ckpt_path": str(ckpt_path),
+    }
 
 
 def _post_rule_overrides(config_file: str, rules: Mapping[str, Any]) -> Dict[str, Any]:
@@ -605,14 +623,10 @@ def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bo
         image = Path(datalist).parent / item["image"]
         print(f"[4/4] inference with configs/inference.json on held-out {image.name} (all tasks)", flush=True)
         t0 = time.time()
-        train_parser = _parser(["train.json", "demo.json"], overrides)
         infer_overrides = {
-            **{cid: train_parser.get_parsed_content(cid) for cid in NETWORK_IDS},
-            **_post_rule_overrides("inference.json", settings["post_rules"]),
-            "bundle_root": str(BUNDLE_ROOT),
+            **demo_inference_overrides(ckpt_dir / "model.pt", overrides),
             "input": str(image),
             "output_dir": str(infer_dir),
-            "ckpt_path": str(ckpt_dir / "model.pt"),
             "progress": True,
             "save_masks": True,
         }
