@@ -26,6 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "dodnet_bundle"))
@@ -57,10 +58,12 @@ def run_setting(inputs: Path, output_dir: Path, overrides: Dict[str, object]) ->
 
 def agreement(a: np.ndarray, b: np.ndarray) -> Dict[int, Tuple[float, int]]:
     """Per label value present in either map: (Dice between the maps, voxels of the value in ``a``)."""
+    from monai.metrics import compute_dice
+
     out: Dict[int, Tuple[float, int]] = {}
     for value in sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}):
-        x, y = a == value, b == value
-        out[int(value)] = (float(2.0 * np.logical_and(x, y).sum() / max(1, x.sum() + y.sum())), int(x.sum()))
+        x, y = (torch.from_numpy(np.ascontiguousarray(m == value))[None, None].float() for m in (a, b))
+        out[int(value)] = (float(compute_dice(y, x, ignore_empty=False)[0, 0]), int(x.sum()))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from pathlib import Path
 from typing import ContextManager, FrozenSet, Optional, Union
 
@@ -54,8 +55,6 @@ def cpu_flags() -> FrozenSet[str]:
 
 def cpu_name() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``platform``'s processor or machine name elsewhere)."""
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
