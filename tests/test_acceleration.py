@@ -268,3 +268,21 @@ def test_compile_network_reuses_the_compiled_kernels_of_an_earlier_process(tmp_p
     assert runs[0].get("fxgraph_cache_miss", 0) >= 1 and runs[0].get("fxgraph_cache_hit", 0) == 0
     assert runs[1].get("fxgraph_cache_hit", 0) >= 1 and runs[1].get("fxgraph_cache_miss", 0) == 0
     assert any(cache.iterdir())
+
+
+def test_unwritable_compile_cache_warns_and_keeps_the_default(tmp_path, monkeypatch) -> None:
+    import os
+
+    from scripts.networks.acceleration import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored (unset or as before) after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    with pytest.warns(UserWarning, match="compile_cache .*file.* cannot be used"):
+        assert use_compile_cache(str(blocker / "inductor")) in (None, default_cache_dir())  # PyTorch's own
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir())
+    assert use_compile_cache(str(tmp_path / "ok")) == str(tmp_path / "ok")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ok")

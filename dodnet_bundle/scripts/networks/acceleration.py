@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import ContextManager, FrozenSet, Optional, Union
 
@@ -126,7 +127,8 @@ DEFAULT_COMPILE_CACHE = "~/.cache/dodnet/torchinductor"
 def use_compile_cache(cache_dir: Optional[str] = DEFAULT_COMPILE_CACHE) -> Optional[str]:
     """Keep ``torch.compile``'s artifacts (Inductor's FX-graph and kernel caches) in ``cache_dir``, so a later
     process on this machine reuses them instead of compiling again; an explicit ``TORCHINDUCTOR_CACHE_DIR`` in the
-    environment wins. Returns the folder in use (None: PyTorch's default)."""
+    environment wins; a folder that cannot be created or written is named in a warning and left out. Returns the
+    folder in use (None: PyTorch's default)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -135,7 +137,13 @@ def use_compile_cache(cache_dir: Optional[str] = DEFAULT_COMPILE_CACHE) -> Optio
     if not cache_dir:
         return current
     folder = os.path.abspath(os.path.expanduser(str(cache_dir)))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as error:  # a read-only or full home: compile as before, without keeping the kernels
+        warnings.warn(f"compile_cache {folder} cannot be used ({error}); compiled kernels stay in PyTorch's default")
+        return current
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by Inductor when it first compiles
     return folder
 
