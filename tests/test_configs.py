@@ -20,6 +20,15 @@ def test_every_config_is_valid_json(bundle_root):
         json.loads(path.read_text())
 
 
+@pytest.mark.parametrize("name", ["multi_gpu_train.json", "multi_gpu_evaluate.json", "mgpu_inference.json"])
+def test_distributed_configs_wait_for_every_rank_before_tearing_down(bundle_root, name):
+    """A rank that destroys its process group while another still saves or gathers can abort at exit (gloo)."""
+    finalize = load(bundle_root, name)["finalize"]
+    barrier = [i for i, step in enumerate(finalize) if "dist.barrier()" in step]
+    teardown = [i for i, step in enumerate(finalize) if "destroy_process_group" in step or "finalize()" in step]
+    assert barrier and teardown and barrier[0] < min(teardown), finalize
+
+
 def test_train_and_inference_define_the_same_network(bundle_root):
     train, infer = (load(bundle_root, name) for name in CONFIGS)
     assert train["network_def"] == infer["network_def"]
