@@ -10,8 +10,8 @@ seconds of the real CT (from the run's ``summary.json``) and the lowest agreemen
     bash dev.sh demo --output_dir demo_output          # the weights and the test volumes
     python benchmarks/overlap_sweep.py --demo_dir demo_output
 
-The demo's test volumes are at most one 64 x 64 x 32 window, so only the real CT (457 x 379 x 60 voxels after
-resampling) tells the settings apart.
+The demo's test volumes span one or two of the demo's windows (demo.json's ``patch_size`` at its ``pixdim``, which
+inference also uses), so mostly the real CT tells the settings apart.
 """
 
 from __future__ import annotations

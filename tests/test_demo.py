@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -57,6 +58,19 @@ def test_table_lists_every_task_and_the_organ_mean() -> None:
     assert "held-out inference (x.nii.gz, task liver" in table
     failed = format_table(summary, {"case": "x.nii.gz", "task": "liver", "error": "boom"})
     assert "FAILED: boom" in failed
+
+
+def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> None:
+    """inference.json resamples to its own pixdim; the demo's network was trained at demo.json's, so the held-out
+    inference (and the overlap sweep) must get demo.json's pixdim and window, also when a flag changes them."""
+    from scripts.demo import DEMO_CONFIG, demo_inference_overrides, demo_overrides
+
+    demo = json.loads(DEMO_CONFIG.read_text())
+    overrides = demo_inference_overrides(tmp_path / "model.pt")
+    assert overrides["pixdim"] == demo["pixdim"] and overrides["patch_size"] == demo["patch_size"]
+    inference = json.loads((DEMO_CONFIG.parent / "inference.json").read_text())
+    changed = demo_inference_overrides(tmp_path / "model.pt", demo_overrides(pixdim=[1.05, 1.05, 1.5]))
+    assert changed["pixdim"] == [1.05, 1.05, 1.5] != inference["pixdim"]
 
 
 def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
