@@ -73,6 +73,20 @@ def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> N
     assert changed["pixdim"] == [1.05, 1.05, 1.5] != inference["pixdim"]
 
 
+@pytest.mark.parametrize("flag, value", [("pixdim", "1.0"), ("pixdim", "[0.8, 0.8]"), ("patch_size", "[64, 0, 32]")])
+def test_bad_vector_flag_is_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str
+) -> None:
+    from scripts.demo import main
+
+    with pytest.raises(SystemExit) as info:
+        main([f"--{flag}", value, "--output_dir", str(tmp_path / "demo")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"dodnet-demo: error: --{flag} ") and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     from monai.bundle import ConfigParser
 

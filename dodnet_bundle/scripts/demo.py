@@ -54,6 +54,7 @@ __all__ = [
     "DEMO_CONFIG",
     "DEMO_DEFAULTS",
     "FLAG_IDS",
+    "DemoFlagError",
     "RuleTaskPostProcessd",
     "demo_inference_overrides",
     "demo_overrides",
@@ -113,6 +114,21 @@ DEMO_DEFAULTS: Dict[str, Any] = {flag: _raw_value(_demo_json(), cid) for flag, c
 """The demo's settings as demo.json gives them, by ``dodnet-demo`` flag."""
 
 
+class DemoFlagError(ValueError):
+    """A ``dodnet-demo`` flag with a value the demo cannot use (``main`` prints it as one line)."""
+
+
+def _three_positive(flag: str, value: Any, cast: Callable[[Any], Any]) -> List[Any]:
+    """``value`` as a list of three positive ``cast`` numbers (a voxel size or a window), else ``DemoFlagError``."""
+    try:
+        out = [cast(v) for v in value]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != 3 or min(out) <= 0:
+        raise DemoFlagError(f"--{flag} {value!r}: expected three positive numbers, e.g. {DEMO_DEFAULTS[flag]}")
+    return out
+
+
 def demo_overrides(**flags: Any) -> Dict[str, Any]:
     """Config overrides (id -> value) of the given ``dodnet-demo`` flags; None values are left out."""
     unknown = sorted(set(flags) - set(FLAG_IDS))
@@ -122,10 +138,8 @@ def demo_overrides(**flags: Any) -> Dict[str, Any]:
     for flag, value in flags.items():
         if value is None:
             continue
-        if flag == "patch_size":
-            value = [int(p) for p in value]
-        elif flag == "pixdim":
-            value = [float(p) for p in value]
+        if flag in ("patch_size", "pixdim"):
+            value = _three_positive(flag, value, int if flag == "patch_size" else float)
         elif flag == "learning_rate":
             value = float(value)
         elif flag == "weight_std":
@@ -675,7 +689,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings.filterwarnings("ignore", message="builtin type swig", category=DeprecationWarning)  # SWIG at exit
 
     def demo(**kwargs: Any) -> None:
-        run_demo(**kwargs)
+        try:
+            run_demo(**kwargs)
+        except DemoFlagError as error:  # checked before any work starts
+            print(f"dodnet-demo: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     fire.Fire(demo, command=list(sys.argv[1:] if argv is None else argv), name="dodnet-demo")
 
