@@ -13,20 +13,28 @@ case for its own task):
 - ``multi_nets``: seven single-task networks, each trained on its own task's volumes for 1/7 of the
   iterations (the same total budget).
 
+The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--warmup``, ``--clip``,
+``--beta2``, ``--ema``, ``--train_seed``) and ``--post_rules demo`` (score after demo.json's post-processing
+as well as raw) make it the loop for comparing demo recipes over several seeds at a fixed budget.
+
 Run (2-core CPU, a few minutes per variant with the defaults)::
 
     python benchmarks/ablation_synth.py --iterations 300
     python benchmarks/ablation_synth.py --iterations 600 --variants dodnet,cond_no --json ablation.json
+    python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
+        --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --train_seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,12 +49,41 @@ from monai.utils import set_determinism  # noqa: E402
 from scripts.data.label_mapping import MapTaskLabelsd  # noqa: E402
 from scripts.data.synth import ensure_mots_synth  # noqa: E402
 from scripts.data.transforms import ct_preprocessing  # noqa: E402
+from scripts.inference.postprocessing import TaskPostProcessd  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
 from scripts.training.losses import PartialLabelDiceBCELoss  # noqa: E402
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
 CONDITIONING = {"dodnet": "dodnet", "task_only": "task", "cond_no": "image", "multi_nets": "dodnet"}
+
+
+@dataclass
+class Recipe:
+    """Optional training knobs on top of Adam with poly(0.9) decay; the defaults change nothing.
+
+    Args:
+        warmup: iterations of linear learning-rate warm-up (0: none).
+        clip: maximum gradient norm (0: no clipping).
+        beta2: Adam's second-moment decay.
+        ema: decay of an exponential moving average of the weights that is scored instead of the
+            trained weights (0: none); the decay ramps up as ``min(ema, (1 + step) / (10 + step))``.
+    """
+
+    warmup: int = 0
+    clip: float = 0.0
+    beta2: float = 0.999
+    ema: float = 0.0
+    ema_net: Optional[torch.nn.Module] = None
+
+    @torch.no_grad()
+    def update_ema(self, net: torch.nn.Module, step: int) -> None:
+        """Move ``ema_net``'s parameters towards ``net``'s; copy its buffers."""
+        decay = min(self.ema, (1.0 + step) / (10.0 + step))
+        for ema_p, p in zip(self.ema_net.parameters(), net.parameters()):
+            ema_p.lerp_(p, 1.0 - decay)
+        for ema_b, b in zip(self.ema_net.buffers(), net.buffers()):
+            ema_b.copy_(b)
 
 
 def _datasets(datalist: Path, patch: Sequence[int]) -> Tuple[CacheDataset, CacheDataset]:
@@ -68,12 +105,26 @@ def _train(
     lr: float,
     fixed_task: Optional[int],
     bce_weight: float = 1.0,
+    recipe: Optional["Recipe"] = None,
 ) -> float:
-    """Train ``net`` for ``iterations`` steps (Adam); ``fixed_task`` feeds task id 0 (single-task nets)."""
+    """Train ``net`` for ``iterations`` steps (Adam, poly 0.9 decay); ``fixed_task`` feeds task id 0 (single-task nets).
+
+    ``recipe`` adds a linear warm-up, gradient-norm clipping, Adam's beta2 and an EMA copy of the weights
+    (``recipe.ema_net``, updated after every step).
+    """
+    recipe = recipe or Recipe()
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=len(data) > batch_size)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, iterations), power=0.9)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, recipe.beta2))
+    total = max(1, iterations)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / recipe.warmup) if recipe.warmup else 1.0
+        return warm * (1.0 - min(step, total) / total) ** 0.9
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight)
+    if recipe.ema:
+        recipe.ema_net = copy.deepcopy(net)
     net.train()
     step, start = 0, time.time()
     while step < iterations:
@@ -82,30 +133,44 @@ def _train(
             loss = loss_fn(net(batch["image"], task), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.clip)
             optimizer.step()
             scheduler.step()
             step += 1
+            if recipe.ema_net is not None:
+                recipe.update_ema(net, step)
             if step >= iterations:
                 break
     return time.time() - start
 
 
 @torch.no_grad()
-def _score(nets: Dict[int, DoDNet], data: CacheDataset, single_task: bool) -> Dict[Tuple[str, int], List[float]]:
-    """Dice per (task, channel) on the test cases; each case segmented for its own task."""
-    scores: Dict[Tuple[str, int], List[float]] = {}
+def _score(
+    nets: Dict[int, DoDNet], data: CacheDataset, single_task: bool, post_rules: Optional[Dict[str, Any]] = None
+) -> Dict[str, Dict[Tuple[str, int], List[float]]]:
+    """Dice per (task, channel) on the test cases, each case segmented for its own task.
+
+    Returns ``{"raw": scores}``, plus ``{"post": scores}`` after the task post-processing with ``post_rules``
+    (rule overrides per task name, as demo.json's) when it is given.
+    """
+    post = None if post_rules is None else TaskPostProcessd(keys="pred", task_id_key="task_id", rules=post_rules)
+    scores: Dict[str, Dict[Tuple[str, int], List[float]]] = {"raw": {}} if post is None else {"raw": {}, "post": {}}
     for item in data:
         task = int(item["task_id"])
         net = nets[task] if single_task else nets[-1]
         net.eval()
         logits = net(item["image"][None], torch.tensor([0 if single_task else task]))[0]
-        pred = (logits > 0).float()
-        for channel in range(2):
-            ref = item["label"][channel]
-            if bool((ref < 0).all()):
-                continue
-            dice = compute_dice(pred[None, channel : channel + 1], ref[None, None], ignore_empty=False)
-            scores.setdefault((TASKS[task].name, channel), []).append(float(dice))
+        preds = {"raw": (logits > 0).float()}
+        if post is not None:
+            preds["post"] = torch.as_tensor(post({"pred": preds["raw"].clone(), "task_id": task})["pred"]).float()
+        for kind, pred in preds.items():
+            for channel in range(2):
+                ref = item["label"][channel]
+                if bool((ref < 0).all()):
+                    continue
+                dice = compute_dice(pred[None, channel : channel + 1], ref[None, None], ignore_empty=False)
+                scores[kind].setdefault((TASKS[task].name, channel), []).append(float(dice))
     return scores
 
 
@@ -125,8 +190,16 @@ def run_ablation(
     bce_weight: float = 1.0,
     norm_groups: int = 16,
     num_test_per_task: int = 2,
+    train_seed: Optional[int] = None,
+    recipe: Optional[Recipe] = None,
+    post_rules: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Dict[str, object]]:
-    """Train and score each variant; returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``."""
+    """Train and score each variant.
+
+    ``seed`` makes the data, ``train_seed`` (default: ``seed``) the initialization and batch order.
+    Returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``, plus ``"dice_post"`` with
+    ``post_rules``.
+    """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
@@ -134,7 +207,8 @@ def run_ablation(
     train_data, test_data = _datasets(datalist, patch)
     results: Dict[str, Dict[str, object]] = {}
     for variant in variants:
-        set_determinism(seed)
+        set_determinism(seed if train_seed is None else train_seed)
+        recipe_v = copy.deepcopy(recipe) if recipe is not None else Recipe()
         kwargs = dict(
             base_channels=base_channels,
             conditioning=CONDITIONING[variant],
@@ -148,14 +222,18 @@ def run_ablation(
             nets = {}
             for spec in TASKS:
                 subset = [d for d in train_data if int(d["task_id"]) == spec.id]
-                nets[spec.id] = DoDNet(num_tasks=1, **kwargs)
-                seconds += _train(nets[spec.id], subset, iterations // len(TASKS), batch_size, lr, 0, bce_weight)
-            scores = _score(nets, test_data, single_task=True)
+                net, task_recipe = DoDNet(num_tasks=1, **kwargs), copy.deepcopy(recipe_v)
+                seconds += _train(net, subset, iterations // len(TASKS), batch_size, lr, 0, bce_weight, task_recipe)
+                nets[spec.id] = task_recipe.ema_net if task_recipe.ema_net is not None else net
+            scores = _score(nets, test_data, True, post_rules)
         else:
             net = DoDNet(num_tasks=len(TASKS), **kwargs)
-            seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight)
-            scores = _score({-1: net}, test_data, single_task=False)
-        results[variant] = {"dice": {k: float(np.mean(v)) for k, v in scores.items()}, "seconds": seconds}
+            seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight, recipe_v)
+            scored = recipe_v.ema_net if recipe_v.ema_net is not None else net
+            scores = _score({-1: scored}, test_data, False, post_rules)
+        results[variant] = {"dice": {k: float(np.mean(v)) for k, v in scores["raw"].items()}, "seconds": seconds}
+        if "post" in scores:
+            results[variant]["dice_post"] = {k: float(np.mean(v)) for k, v in scores["post"].items()}
         print(f"{variant}: trained in {seconds:.0f} s", flush=True)
     return results
 
@@ -169,8 +247,12 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
         label = name.replace("_", " ") + ("" if channel == 0 else " tumor")
         cells = [results[v]["dice"].get((name, channel)) for v in variants]
         rows.append(f"{label:<24}" + "".join(f"{'n/a' if c is None else f'{c:.3f}':>12}" for c in cells))
-    for title, subset in (("organ mean", [k for k in keys if k[1] == 0]), ("mean (11 classes)", keys)):
-        cells = [np.mean([results[v]["dice"][k] for k in subset if k in results[v]["dice"]]) for v in variants]
+    means = [("organ mean", "dice", 0), ("tumor mean", "dice", 1), ("mean (11 classes)", "dice", None)]
+    if all("dice_post" in results[v] for v in variants):
+        means += [("organ mean, post", "dice_post", 0), ("tumor mean, post", "dice_post", 1)]
+    for title, field, channel in means:
+        subset = [k for k in keys if channel is None or k[1] == channel]
+        cells = [np.mean([results[v][field][k] for k in subset if k in results[v][field]]) for v in variants]
         rows.append(f"{title:<24}" + "".join(f"{c:>12.3f}" for c in cells))
     rows.append(f"{'train seconds':<24}" + "".join(f"{results[v]['seconds']:>12.0f}" for v in variants))
     return "\n".join(rows)
@@ -190,12 +272,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--norm_groups", type=int, default=16, help="GroupNorm groups (capped at the width; demo: 4)")
     parser.add_argument("--bce_weight", type=float, default=1.0, help="weight of the BCE term of the loss")
     parser.add_argument("--num_test_per_task", type=int, default=2, help="MOTS-synth test volumes per task")
+    parser.add_argument("--warmup", type=int, default=0, help="iterations of linear learning-rate warm-up")
+    parser.add_argument("--clip", type=float, default=0.0, help="maximum gradient norm (0: no clipping)")
+    parser.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2")
+    parser.add_argument("--ema", type=float, default=0.0, help="score an EMA of the weights with this decay (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MOTS-synth data")
+    parser.add_argument(
+        "--train_seed", type=int, default=None, help="seed of initialization and batches (default: --seed)"
+    )
+    parser.add_argument(
+        "--post_rules",
+        choices=("none", "demo"),
+        default="none",
+        help="demo: also score after demo.json's post-processing",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache_dir", default=".cache/ablation_synth")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    post_rules = None
+    if args.post_rules == "demo":
+        from scripts.demo import demo_settings
+
+        post_rules = demo_settings()["post_rules"]
     results = run_ablation(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         args.iterations,
@@ -210,12 +311,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         bce_weight=args.bce_weight,
         norm_groups=args.norm_groups,
         num_test_per_task=args.num_test_per_task,
+        seed=args.seed,
+        train_seed=args.train_seed,
+        recipe=Recipe(warmup=args.warmup, clip=args.clip, beta2=args.beta2, ema=args.ema),
+        post_rules=post_rules,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
     if args.json:
-        serial = {v: {"dice": {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in r["dice"].items()},
-                      "seconds": r["seconds"]} for v, r in results.items()}  # fmt: skip
+
+        def named(dice: Dict[Tuple[str, int], float]) -> Dict[str, float]:
+            return {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in dice.items()}
+
+        serial = {
+            v: {field: (named(value) if field.startswith("dice") else value) for field, value in r.items()}
+            for v, r in results.items()
+        }
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": serial}, indent=2))
 
 
