@@ -193,17 +193,22 @@ def run_ablation(
     train_seed: Optional[int] = None,
     recipe: Optional[Recipe] = None,
     post_rules: Optional[Dict[str, Any]] = None,
+    score_train: bool = False,
+    synth_workers: int = 1,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
 
     ``seed`` makes the data, ``train_seed`` (default: ``seed``) the initialization and batch order.
     Returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``, plus ``"dice_post"`` with
-    ``post_rules``.
+    ``post_rules``, and ``"train_dice"`` (``"train_dice_post"``) on the training cases with ``score_train``
+    (how well the cases were fitted, against how well the test cases generalize).
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
-    datalist = ensure_mots_synth(cache_dir, num_per_task=num_per_task, seed=seed, num_test_per_task=num_test_per_task)
+    datalist = ensure_mots_synth(
+        cache_dir, num_per_task=num_per_task, seed=seed, num_test_per_task=num_test_per_task, workers=synth_workers
+    )
     train_data, test_data = _datasets(datalist, patch)
     results: Dict[str, Dict[str, object]] = {}
     for variant in variants:
@@ -225,15 +230,17 @@ def run_ablation(
                 net, task_recipe = DoDNet(num_tasks=1, **kwargs), copy.deepcopy(recipe_v)
                 seconds += _train(net, subset, iterations // len(TASKS), batch_size, lr, 0, bce_weight, task_recipe)
                 nets[spec.id] = task_recipe.ema_net if task_recipe.ema_net is not None else net
-            scores = _score(nets, test_data, True, post_rules)
+            scored_nets, single_task = nets, True
         else:
             net = DoDNet(num_tasks=len(TASKS), **kwargs)
             seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight, recipe_v)
-            scored = recipe_v.ema_net if recipe_v.ema_net is not None else net
-            scores = _score({-1: scored}, test_data, False, post_rules)
-        results[variant] = {"dice": {k: float(np.mean(v)) for k, v in scores["raw"].items()}, "seconds": seconds}
-        if "post" in scores:
-            results[variant]["dice_post"] = {k: float(np.mean(v)) for k, v in scores["post"].items()}
+            scored_nets, single_task = {-1: recipe_v.ema_net if recipe_v.ema_net is not None else net}, False
+        results[variant] = {"seconds": seconds}
+        for prefix, data in (("", test_data), ("train_", train_data))[: 2 if score_train else 1]:
+            scores = _score(scored_nets, data, single_task, post_rules)
+            for kind, field in (("raw", "dice"), ("post", "dice_post")):
+                if kind in scores:
+                    results[variant][prefix + field] = {k: float(np.mean(v)) for k, v in scores[kind].items()}
         print(f"{variant}: trained in {seconds:.0f} s", flush=True)
     return results
 
@@ -248,8 +255,9 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
         cells = [results[v]["dice"].get((name, channel)) for v in variants]
         rows.append(f"{label:<24}" + "".join(f"{'n/a' if c is None else f'{c:.3f}':>12}" for c in cells))
     means = [("organ mean", "dice", 0), ("tumor mean", "dice", 1), ("mean (11 classes)", "dice", None)]
-    if all("dice_post" in results[v] for v in variants):
-        means += [("organ mean, post", "dice_post", 0), ("tumor mean, post", "dice_post", 1)]
+    for field, suffix in (("dice_post", ", post"), ("train_dice", ", train"), ("train_dice_post", ", train post")):
+        if all(field in results[v] for v in variants):
+            means += [(f"organ mean{suffix}", field, 0), (f"tumor mean{suffix}", field, 1)]
     for title, field, channel in means:
         subset = [k for k in keys if channel is None or k[1] == channel]
         cells = [np.mean([results[v][field][k] for k in subset if k in results[v][field]]) for v in variants]
@@ -286,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         default="none",
         help="demo: also score after demo.json's post-processing",
     )
+    parser.add_argument("--score_train", action="store_true", help="also score the training cases (fit vs test)")
+    parser.add_argument("--synth_workers", type=int, default=1, help="processes generating MOTS-synth")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache_dir", default=".cache/ablation_synth")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -315,6 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         train_seed=args.train_seed,
         recipe=Recipe(warmup=args.warmup, clip=args.clip, beta2=args.beta2, ema=args.ema),
         post_rules=post_rules,
+        score_train=args.score_train,
+        synth_workers=args.synth_workers,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
@@ -324,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             return {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in dice.items()}
 
         serial = {
-            v: {field: (named(value) if field.startswith("dice") else value) for field, value in r.items()}
+            v: {field: (value if field == "seconds" else named(value)) for field, value in r.items()}
             for v, r in results.items()
         }
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": serial}, indent=2))
