@@ -4,9 +4,10 @@ Input of this stage: binary masks (2K, H, W, D) of the K requested tasks (channe
 ``2k + 1`` tumor of the k-th task) from thresholding the inferer's probabilities at 0.5.
 
 - ``TaskPostProcessd`` applies each task's published rule (``TaskSpec.post`` in ``scripts/tasks.py``)
-  with MONAI's ``KeepLargestConnectedComponent`` and scikit-image's labelling: keep the largest organ
-  component(s), keep tumor voxels only inside the (post-processed) organ, drop tumor components of
-  ``tumor_min_voxels`` voxels or fewer, keep the largest tumor component(s). Switchable (``enabled``).
+  on the masks' own device (``scripts.inference.components``: scikit-image / MONAI on the CPU, cuCIM or a
+  torch labelling on a GPU): keep the largest organ component(s), keep tumor voxels only inside the
+  (post-processed) organ, drop tumor components of ``tumor_min_voxels`` voxels or fewer, keep the largest
+  tumor component(s). Switchable (``enabled``).
 - ``MergeTaskLabelsd`` paints the structures into one uint8 label map with the merged ids of
   ``metadata.json``'s ``channel_def`` (``tasks.merged_label_names()``). Where structures overlap the
   later one in ``tasks.MERGE_PRECEDENCE`` wins: liver, spleen, kidney, pancreas, hepatic vessel,
@@ -20,40 +21,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Hashable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import KeepLargestConnectedComponent, MapTransform
-from monai.utils import convert_to_dst_type
-from skimage import measure
+from monai.transforms import MapTransform
 
+from scripts.inference.components import keep_largest, remove_up_to, resolve_backend
 from scripts.tasks import PostRule, TaskSpec, merge_precedence, resolve_task, resolve_tasks
 from scripts.utils import as_bool
 
-__all__ = ["remove_components_up_to", "apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
+__all__ = ["apply_post_rule", "TaskPostProcessd", "merge_task_masks", "MergeTaskLabelsd"]
 
 TaskSelection = Union[None, str, int, Sequence[Union[str, int]]]
 
 
-def remove_components_up_to(mask: torch.Tensor, max_voxels: int, connectivity: int = 3) -> torch.Tensor:
-    """Remove the connected components of ``max_voxels`` voxels or fewer from a binary (1, H, W, D) mask.
-
-    Components come from ``skimage.measure.label``. (MONAI's ``RemoveSmallObjects`` passes ``min_size``
-    to scikit-image, whose meaning changed from "smaller than" to "up to" in 0.26: this keeps the
-    published "<= 50 voxels" rule independent of the installed version.)
-    """
-    array = mask.detach().cpu().numpy()[0] > 0
-    components = measure.label(array, connectivity=connectivity)
-    sizes = np.bincount(components.reshape(-1))
-    keep = sizes > max_voxels
-    keep[0] = False
-    out = torch.as_tensor(keep[components][None], device=mask.device).to(mask.dtype)
-    return convert_to_dst_type(out, mask)[0]
-
-
 def apply_post_rule(
-    organ: torch.Tensor, tumor: torch.Tensor, rule: PostRule, connectivity: int = 3
+    organ: torch.Tensor, tumor: torch.Tensor, rule: PostRule, connectivity: int = 3, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one task's published post-processing to its binary organ and tumor masks.
 
@@ -62,21 +45,22 @@ def apply_post_rule(
         tumor: binary mask (1, H, W, D) of the tumor channel.
         rule: the task's ``PostRule``.
         connectivity: neighbourhood of connected components (1: faces ... 3: faces, edges, corners).
+        backend: the connected-component labelling (``scripts.inference.components.BACKENDS``).
 
     Returns:
-        the post-processed (organ, tumor) masks, same shapes and dtypes as the inputs.
+        the post-processed (organ, tumor) masks, same shapes, dtypes and device as the inputs. Dropping
+        components of ``tumor_min_voxels`` or fewer counts voxels itself: MONAI's ``RemoveSmallObjects`` passes
+        ``min_size`` to scikit-image, whose meaning changed from "smaller than" to "up to" in 0.26.
     """
     if rule.organ_components > 0 and organ.any():
-        organ = KeepLargestConnectedComponent(connectivity=connectivity, num_components=rule.organ_components)(organ)
+        organ = keep_largest(organ, rule.organ_components, connectivity, backend)
     if tumor.any():
         if rule.tumor_inside_organ:
             tumor = tumor * (organ > 0).to(tumor.dtype)
         if rule.tumor_min_voxels > 0 and tumor.any():
-            tumor = remove_components_up_to(tumor, rule.tumor_min_voxels, connectivity)
+            tumor = remove_up_to(tumor, rule.tumor_min_voxels, connectivity, backend)
         if rule.tumor_components > 0 and tumor.any():
-            tumor = KeepLargestConnectedComponent(connectivity=connectivity, num_components=rule.tumor_components)(
-                tumor
-            )
+            tumor = keep_largest(tumor, rule.tumor_components, connectivity, backend)
     return organ, tumor
 
 
@@ -92,6 +76,8 @@ class TaskPostProcessd(MapTransform):
             read from this key (as ``MapTaskLabelsd`` writes it); ``tasks`` is then ignored.
         rules: ``{task name: {PostRule field: value}}`` replacing fields of those tasks' published rules (e.g.
             ``{"liver": {"tumor_min_voxels": 5}}`` for small synthetic tumors); unlisted tasks keep theirs.
+        backend: connected-component labelling, ``"auto"`` (on the masks' device: scikit-image on the CPU, cuCIM
+            or torch on a GPU), ``"skimage"``, ``"cucim"`` or ``"torch"`` (``scripts.inference.components``).
     """
 
     def __init__(
@@ -103,8 +89,11 @@ class TaskPostProcessd(MapTransform):
         task_id_key: Optional[str] = None,
         allow_missing_keys: bool = False,
         rules: Optional[Mapping[str, Mapping[str, object]]] = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        resolve_backend(backend, torch.device("cpu"))  # an unknown name fails here, not at the first case
+        self.backend = backend
         self.tasks = resolve_tasks(tasks)
         self.enabled = as_bool(enabled)
         self.connectivity = connectivity
@@ -130,7 +119,11 @@ class TaskPostProcessd(MapTransform):
             _check_channels(masks, tasks, key)
             for k, spec in enumerate(tasks):
                 organ, tumor = apply_post_rule(
-                    masks[2 * k : 2 * k + 1], masks[2 * k + 1 : 2 * k + 2], self.rule(spec.id), self.connectivity
+                    masks[2 * k : 2 * k + 1],
+                    masks[2 * k + 1 : 2 * k + 2],
+                    self.rule(spec.id),
+                    self.connectivity,
+                    self.backend,
                 )
                 masks[2 * k : 2 * k + 1] = organ
                 masks[2 * k + 1 : 2 * k + 2] = tumor
