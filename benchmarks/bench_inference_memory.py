@@ -86,6 +86,8 @@ def child(args: argparse.Namespace) -> None:
     overrides = {f"network_def#{k}": list(v) if isinstance(v, tuple) else v for k, v in tiny.items()}
     if args.contiguous:
         overrides["channels_last"] = False
+    if args.gpu_pipeline != "auto":
+        overrides["gpu_pipeline"] = args.gpu_pipeline == "on"
     peaks = {"baseline_mb": rss_mb()}
     phase = {"name": "run", "peak": 0.0, "inference": 0.0}
     stop = threading.Event()
@@ -144,6 +146,7 @@ def child(args: argparse.Namespace) -> None:
     report = json.loads((Path(args.workdir) / "out" / f"{Path(args.image).name.split('.')[0]}_report.json").read_text())
     peaks["phases_s"] = {k: round(v, 1) for k, v in report["seconds"].items()}
     peaks["body_crop_fraction"] = round(report["body_crop"]["fraction"], 3)
+    peaks["pipeline"] = report.get("pipeline", {})  # device, GPU-resident or not, the case's peak GPU memory
     from scripts.networks.acceleration import autocast, input_to_channels_last, resolve_precision, to_channels_last
 
     net = DoDNet(**tiny).to(args.device).eval()  # one window on the same path, for the whole-CT/window ratio
@@ -197,6 +200,12 @@ def main() -> None:
         default="ITKReader",
         help="image reader (the config's ITKReader; NibabelReader where ITK is missing)",
     )
+    parser.add_argument(
+        "--gpu_pipeline",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="GPU-resident pipeline (auto: on with a CUDA device; off: CPU preprocessing and post-processing)",
+    )
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--device", default="cpu", help="device of the network (stitching: the config's default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -213,7 +222,14 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--image", str(image), "--workdir", tmp, "--mode", args.mode]
         cmd += ["--stitch_dtype", args.stitch_dtype, "--overlap", str(args.overlap), "--threads", str(args.threads)]
         cmd += ["--network", args.network, "--precision", args.precision, "--device", args.device]
-        cmd += ["--sw_batch_size", str(args.sw_batch_size), "--reader", args.reader]
+        cmd += [
+            "--sw_batch_size",
+            str(args.sw_batch_size),
+            "--reader",
+            args.reader,
+            "--gpu_pipeline",
+            args.gpu_pipeline,
+        ]
         cmd += ["--compile_head"] if args.compile_head else []
         cmd += ["--compile_network"] if args.compile_network else []
         cmd += ["--contiguous"] if args.contiguous else []

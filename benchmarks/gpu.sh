@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# GPU checks and benchmark in one go (target: at most 8 minutes on one H100):
+# GPU checks and benchmark in one go (target: at most 10 minutes on one H100):
 #   1. installs what it needs: a CUDA build of torch already importable by $PYTHON (default python3) is used
 #      as it is; otherwise a virtual environment .venv-gpu gets one from PyPI;
 #   2. runs the GPU tests (tests/test_gpu.py, and one tiny training epoch through `monai.bundle run`, which
 #      picks the GPU and AMP by itself);
 #   3. with DODNET_GPU_PROFILE=1, profiles the forward's precision x layout variants (profile_forward.py);
 #   4. prints the benchmark table of benchmarks/run.py on the GPU (patch forward with the compiled network,
-#      efficiency, training, the sliding-window sw_batch_size/stitching sweep, whole-volume inference).
-# Time budget: set-up about 40 s, tests at most 120 s, benchmark at most 330 s (8 minutes in all). On one H100
-# (bundle 0.1.3's session) the run with "--skip efficiency,sliding" and the profile took 419 s; the compiled
-# network's first forwards take most of the benchmark (139 s for the 1-task and all-task graphs).
+#      efficiency, training, the sliding-window sw_batch_size/stitching sweep, whole-volume inference on the
+#      GPU-resident pipeline), then the whole CT once more on the host pipeline (CPU pre- and post-processing).
+# Time budget: set-up about 40 s, tests at most 120 s, benchmark at most 330 s, host-pipeline run at most 120 s
+# (10 minutes in all). On one H100 (bundle 0.1.3, 2026-11-28) the run with "--skip efficiency,sliding" and the
+# profile took 419 s; the compiled network's first forwards take most of the benchmark (139 s for the 1-task
+# and all-task graphs).
 #
 #   bash benchmarks/gpu.sh [extra args for run.py]
 #
@@ -45,10 +47,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 READER=()
+VOLUME_READER=()
 TRAIN_TEST=("tests/test_train_workflow.py::test_one_tiny_epoch_through_bundle_run")
 if ! "$PY" -c "import itk" 2>/dev/null; then  # ITK's wheels are large: GPU images often lack it
   echo "gpu.sh: no itk here: the whole-volume run reads its NIfTI with NibabelReader; training test left out"
   READER=(--volume-reader NibabelReader)
+  VOLUME_READER=(--reader NibabelReader)
   TRAIN_TEST=()
 fi
 
@@ -64,4 +68,8 @@ fi
 echo "== benchmark (${SECONDS} s in)"
 timeout 330 "$PY" benchmarks/run.py --device cuda --precision bf16 --repeats 5 --volume-precision bf16 --compile-network \
   --no-compile-head --sliding-batches 2,4 "${READER[@]}" "$@"
+
+echo "== whole CT on the host pipeline, for comparison with the GPU-resident default above (${SECONDS} s in)"
+timeout 120 "$PY" benchmarks/bench_inference_memory.py --device cuda --precision bf16 --sw_batch_size 2 \
+  --gpu_pipeline off "${VOLUME_READER[@]}" || echo "gpu.sh: host-pipeline whole-CT run failed or timed out"
 echo "gpu.sh: done in ${SECONDS} s"

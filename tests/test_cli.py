@@ -152,3 +152,17 @@ def test_fast_path_options_become_inference_config_overrides(monkeypatch, tmp_pa
     with pytest.raises(Captured):
         segment(str(tmp_path / "ct.nii.gz"), str(tmp_path / "out"))
     assert "precision" not in seen and "compile_head" not in seen  # the config's defaults apply
+
+
+def test_summary_names_the_gpu_pipeline_peak_memory_and_a_fallback(capsys):
+    from scripts.inference.cli import _print_summary
+
+    case = {"case": "ct", "outputs": {"label_map": "out/ct_seg.nii.gz"}, "seconds": 3.0, "phases": {"network": 2.0}}
+    resident = {"device": "cuda:0", "resident": True, "peak_gpu_memory_mb": 3072.0}
+    fallback = {"device": "cuda:0", "resident": False, "peak_gpu_memory_mb": 512.0, "fallback": "host pipeline after X"}
+    host = {"device": "cpu", "resident": False, "peak_gpu_memory_mb": 0.0}
+    summary = {"succeeded": [{**case, "pipeline": p} for p in (resident, fallback, host)], "failed": []}
+    _print_summary(summary, "out")
+    lines = capsys.readouterr().out.splitlines()
+    gpu_lines = [line.strip() for line in lines if "peak GPU memory" in line]
+    assert gpu_lines == ["cuda:0, peak GPU memory 3.00 GB", "cuda:0, peak GPU memory 0.50 GB; host pipeline after X"]

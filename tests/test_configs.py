@@ -74,11 +74,13 @@ def test_inference_lets_cudnn_pick_its_fastest_kernels_after_seeding(bundle_root
 
 
 def test_inference_stitches_on_the_network_gpu_and_hands_masks_to_the_cpu(bundle_root):
-    """Adaptive stitching by default (GPU when the network is on one); ``stitch_device`` forces a device and the
-    thresholded masks (and kept probabilities) are moved to host memory before the CPU post-processing."""
+    """Adaptive stitching by default (GPU when the network is on one); ``stitch_device`` forces a device and, on
+    the host pipeline, the thresholded masks (and kept probabilities) are moved to host memory before the CPU
+    post-processing; on the GPU-resident pipeline only the results, after the inversion."""
     import torch
     from monai.bundle import ConfigParser
-    from monai.transforms import ToDeviced
+
+    from scripts.inference import PipelineToDeviced, PipelineToHostd
 
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "inference.json"))
@@ -90,9 +92,15 @@ def test_inference_stitches_on_the_network_gpu_and_hands_masks_to_the_cpu(bundle
     assert inferer._stitch_input_device(image).type == "cuda"
     steps = parser.get_parsed_content("postprocessing_steps")
     threshold = next(i for i, s in enumerate(steps) if "Lambdad" in type(s).__name__)
-    move = steps[threshold + 1]
-    assert isinstance(move, ToDeviced) and set(move.keys) == {"pred", "prob"}
-    assert str(move.converter.device) == "cpu"
+    move, last = steps[threshold + 1], steps[-1]
+    assert isinstance(move, PipelineToHostd) and set(move.keys) == {"pred", "prob"} and move.when == "host_pipeline"
+    assert isinstance(last, PipelineToHostd) and last.when == "gpu_pipeline"
+    assert set(last.keys) == {"pred", "pred_grid", "masks", "prob"}
+    pipeline = parser.get_parsed_content("pipeline_device")
+    assert pipeline.resident is False and move.pipeline is pipeline and last.pipeline is pipeline
+    to_device = [t for t in parser.get_parsed_content("preprocessing").transforms if isinstance(t, PipelineToDeviced)]
+    assert len(to_device) == 1 and to_device[0].pipeline is pipeline
+    assert parser.get_parsed_content("evaluator").pipeline_device is pipeline
     parser["stitch_device"] = "cpu"
     parser["stitch_cpu_voxels"] = 1000
     parser.parse(True)
@@ -105,7 +113,8 @@ def test_inference_stitches_on_the_network_gpu_and_hands_masks_to_the_cpu(bundle
 @pytest.mark.parametrize("device, sw_batch_size, channels_last", [("cpu", 1, True), ("cuda", 2, False)])
 def test_inference_defaults_follow_the_device(bundle_root, device, sw_batch_size, channels_last):
     """Measured defaults (docs/README.md, Performance): channels-last only on the CPU (on an H100 it made the
-    forward 33% slower: GroupNorm's CUDA kernel converts the layout back); 2 windows per call on a GPU."""
+    forward 33% slower: GroupNorm's CUDA kernel converts the layout back); 2 windows per call on a GPU; the
+    pipeline is GPU-resident on CUDA only."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -113,9 +122,11 @@ def test_inference_defaults_follow_the_device(bundle_root, device, sw_batch_size
     parser["device"] = f"$torch.device('{device}')"
     assert parser.get_parsed_content("sw_batch_size") == sw_batch_size
     assert parser.get_parsed_content("channels_last") is channels_last
+    assert parser.get_parsed_content("pipeline_device").resident is (device == "cuda")  # GPU-resident on CUDA
     parser["device"] = device  # a plain string (a command-line override) works as well
     parser.parse(True)
     assert parser.get_parsed_content("channels_last") is channels_last
+    assert parser.get_parsed_content("pipeline_device").resident is (device == "cuda")
 
 
 @pytest.mark.parametrize("package", ["data", "training", "inference", "evaluation"])

@@ -1,10 +1,12 @@
-"""GPU paths: stitching on the GPU, the inference config on CUDA, autocast precisions and the compiled heads.
+"""GPU paths: stitching on the GPU, the GPU-resident inference pipeline, autocast precisions and the compiled heads.
 
 CPU-only machines (CI) skip this module with the reason; ``benchmarks/gpu.sh`` runs it on a GPU before the
 benchmark. The same checks on CPU live in test_inference.py and test_acceleration.py.
 """
 
 from __future__ import annotations
+
+import json
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +23,7 @@ from helpers.inference import (
     write_nifti,
 )
 
+from scripts.inference.components import label_components, label_components_torch
 from scripts.inference.inferer import TaskSlidingWindowInferer
 from scripts.networks.acceleration import compile_dynamic_heads
 from scripts.networks.fused_head import fused_head_status
@@ -45,7 +48,9 @@ def test_gpu_stitching_matches_cpu_stitching_and_falls_back_above_the_threshold(
     torch.testing.assert_close(buffered, on_cpu, atol=1e-5, rtol=0)
 
 
-def test_inference_config_on_gpu_writes_the_cpu_results(tmp_path, monkeypatch):
+def test_gpu_resident_pipeline_writes_the_cpu_results(tmp_path, monkeypatch):
+    """CUDA with the GPU-resident pipeline (the default there) and with the host pipeline write the CPU run's
+    files; the resident run reports its peak GPU memory."""
     try:
         import itk  # noqa: F401
     except ImportError:  # GPU images often lack ITK (large wheels): the reader is not what is tested here
@@ -60,21 +65,28 @@ def test_inference_config_on_gpu_writes_the_cpu_results(tmp_path, monkeypatch):
     src = write_nifti(tmp_path / "ct.nii.gz", hu, affine)
     stub = IntensityNet()
     ckpt = save_checkpoint(stub, tmp_path / "s.pt")
-    outputs = {}
-    for device in ("cuda", "cpu"):
-        out = tmp_path / device
+    outputs, pipelines = {}, {}
+    for run, device, resident in (("cuda", "cuda", "auto"), ("cuda_host", "cuda", False), ("cpu", "cpu", "auto")):
+        out = tmp_path / run
         summary = run_workflow(
             str(src),
             out,
             ckpt,
             network_def=stub,
             device=f"$torch.device('{device}')",
+            gpu_pipeline=resident,
             tasks="liver,spleen",
             save_masks=True,
             save_probabilities=True,
         )
         assert summary["failed"] == [], summary
-        outputs[device] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
+        outputs[run] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
+        pipelines[run] = json.loads((out / "ct_report.json").read_text())["pipeline"]
+    assert pipelines["cuda"]["resident"] is True and pipelines["cuda"]["peak_gpu_memory_mb"] > 0
+    assert pipelines["cuda_host"]["resident"] is False and pipelines["cpu"]["resident"] is False
+    for name, cpu in outputs["cpu"].items():
+        if not name.endswith("_prob.nii.gz"):
+            np.testing.assert_array_equal(outputs["cuda_host"][name], cpu, err_msg=f"host pipeline: {name}")
     assert set(outputs["cuda"]) == set(outputs["cpu"]) and "ct_liver_tumor_prob.nii.gz" in outputs["cuda"]
     np.testing.assert_array_equal(outputs["cuda"]["ct_liver_mask.nii.gz"] > 0, expected_liver_labels(hu) > 0)
     for name, cpu in outputs["cpu"].items():
@@ -82,6 +94,15 @@ def test_inference_config_on_gpu_writes_the_cpu_results(tmp_path, monkeypatch):
             np.testing.assert_allclose(outputs["cuda"][name], cpu, atol=2e-3)
         else:
             np.testing.assert_array_equal(outputs["cuda"][name], cpu, err_msg=name)
+
+
+def test_connected_components_on_the_gpu_match_scikit_image():
+    rng = np.random.default_rng(0)
+    mask = torch.as_tensor(rng.random((40, 33, 21)) < 0.12)
+    expected, count = label_components(mask)  # scikit-image on the CPU
+    for labels, n in (label_components_torch(mask.cuda()), label_components(mask.cuda())):  # torch; cuCIM or torch
+        assert labels.device.type == "cuda" and n == count
+        np.testing.assert_array_equal(labels.cpu().numpy(), expected.numpy())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -256,3 +256,66 @@ def test_body_crop_skips_air_and_writes_the_same_files_with_phase_times(tmp_path
     assert crop["enabled"] and 0.1 < crop["fraction"] < 0.6
     assert reports[False]["body_crop"] == {"enabled": False, "fraction": 1.0}
     assert calls[True] < calls[False]
+
+
+class _OutOfMemoryOnce(IntensityNet):
+    """IntensityNet whose first forward raises the error a GPU raises when it runs out of memory."""
+
+    def forward(self, image: torch.Tensor, task_id=None) -> torch.Tensor:
+        if self.calls == 0:
+            self.calls += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(image, task_id)
+
+
+def test_resident_pipeline_writes_the_host_pipelines_files_and_falls_back_on_out_of_memory(tmp_path):
+    """The GPU-resident steps (``gpu_pipeline``, run here on the CPU) and the torch connected components give the
+    host pipeline's files; an out-of-memory error on the resident pipeline reruns the case on the host pipeline."""
+    hu = phantom((48, 40, 20))
+    hu[30:34, 8:12, 4:7] = 300.0  # a second, small tumor component: the post-processing has something to drop
+    src = write_nifti(tmp_path / "ct.nii.gz", hu, affine_for((0.7, 0.9, 2.0), "oblique"))
+    runs = {
+        "host": dict(gpu_pipeline=False),
+        "resident": dict(gpu_pipeline=True, components_backend="torch"),
+        "fallback": dict(gpu_pipeline=True),
+    }
+    files, reports = {}, {}
+    for name, overrides in runs.items():
+        stub = _OutOfMemoryOnce() if name == "fallback" else IntensityNet()
+        out = tmp_path / name
+        summary = run_workflow(
+            str(src),
+            out,
+            save_checkpoint(stub, tmp_path / f"{name}.pt"),
+            network_def=stub,
+            tasks="liver,kidney",
+            save_masks=True,
+            patch_size=[32, 32, 16],
+            precision="fp32",
+            **overrides,
+        )
+        assert summary["failed"] == [], summary
+        files[name] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(out.glob("*.nii.gz"))}
+        reports[name] = json.loads((out / "ct_report.json").read_text())["pipeline"]
+    assert len(files["host"]) == 5 and (files["host"]["ct_seg.nii.gz"] > 0).any()
+    for name in ("resident", "fallback"):
+        assert files[name].keys() == files["host"].keys()
+        for key, array in files["host"].items():
+            np.testing.assert_array_equal(files[name][key], array, err_msg=f"{name}: {key}")
+    assert reports["host"] == {"device": "cpu", "resident": False, "peak_gpu_memory_mb": 0.0}
+    assert reports["resident"]["resident"] is True and "fallback" not in reports["resident"]
+    assert reports["fallback"]["resident"] is False
+    assert reports["fallback"]["fallback"].startswith("host pipeline after OutOfMemoryError: CUDA out of memory")
+
+
+def test_gpu_pipeline_auto_is_resident_only_on_cuda():
+    from scripts.inference.pipeline_device import PipelineDevice, PipelineToHostd
+
+    assert PipelineDevice("cpu").resident is False
+    assert PipelineDevice("cuda").resident is True  # a device name only: nothing is allocated
+    pipeline = PipelineDevice("cpu", enabled=True)
+    with pipeline.on_host():
+        assert pipeline.resident is False
+    assert pipeline.resident is True
+    with pytest.raises(ValueError, match="when must be"):
+        PipelineToHostd("pred", pipeline, when="always")

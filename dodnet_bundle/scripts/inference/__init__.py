@@ -5,5 +5,7 @@ Components are named ``scripts.inference.<Name>`` (loaded on first use, see ``sc
 
 from scripts.utils import lazy_exports
 
-__getattr__, __dir__, _EXPORTS = lazy_exports(__name__, ["inferer", "postprocessing", "runner", "writers", "dicom_seg"])
+__getattr__, __dir__, _EXPORTS = lazy_exports(
+    __name__, ["inferer", "postprocessing", "components", "pipeline_device", "runner", "writers", "dicom_seg"]
+)
 __all__ = sorted(_EXPORTS)

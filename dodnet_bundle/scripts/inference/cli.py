@@ -146,6 +146,12 @@ def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
         phases = {k: v for k, v in case.get("phases", {}).items() if k != "total"}
         if phases:
             print("          " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + f" ({case['seconds']:.1f} s)")
+        pipeline = case.get("pipeline", {})
+        if pipeline.get("resident") or pipeline.get("fallback"):
+            note = f"; {pipeline['fallback']}" if pipeline.get("fallback") else ""
+            print(
+                f"          {pipeline['device']}, peak GPU memory {pipeline['peak_gpu_memory_mb'] / 1024:.2f} GB{note}"
+            )
     for case in skipped:
         print(f"  skipped {case['case']}: finished earlier with the same options")
     for case in bad:

@@ -4,9 +4,12 @@
 then for each case: cheap input checks -> preprocessing (the dataset's chain) -> task-aware sliding-window
 inference -> postprocessing (threshold, published rules, merge, inversion to the input geometry) ->
 ``SegmentationWriter``, each phase timed (``scripts.inference.timing``: the report's ``seconds``, the
-summary's ``phases``). A failing case is recorded with a message naming its file and the run goes
-on; ``summary.json`` lists successes, failures and skipped cases; with ``fail_on_error`` the run raises
-at the end if any case failed (nonzero exit of ``monai.bundle run``).
+summary's ``phases``). With a GPU-resident pipeline (``scripts.inference.pipeline_device``) the report's
+``pipeline`` gives the device and the case's peak GPU memory, and a case that runs out of GPU memory is rerun
+on the host pipeline (preprocessing and post-processing on the CPU, windows still on the GPU). A failing case
+is recorded with a message naming its file and the run goes on; ``summary.json`` lists successes, failures and
+skipped cases; with ``fail_on_error`` the run raises at the end if any case failed (nonzero exit of
+``monai.bundle run``).
 
 Resuming: with ``skip_existing`` a case whose report (written last, the commit marker) matches the current
 options and whose listed outputs all exist is skipped; temporary files of dead processes are removed first.
@@ -32,6 +35,7 @@ from torch.utils.data import Dataset
 from scripts.cli_errors import check_output_location
 from scripts.data.cases import IMAGE_SUFFIXES, BadInputError, NonCTIntensityWarning, check_input
 from scripts.inference.lock import run_lock
+from scripts.inference.pipeline_device import PipelineDevice
 from scripts.inference.timing import PhaseTimer, postprocessing_phase, preprocessing_phase
 from scripts.inference.writers import SegmentationWriter, remove_stale_temporaries
 from scripts.networks.weights import load_network_weights
@@ -115,6 +119,7 @@ class SegmentationRunner:
         options: Optional[Dict[str, Any]] = None,
         skip_existing: Union[bool, str] = "auto",
         input: Any = None,
+        pipeline_device: Optional[PipelineDevice] = None,
     ) -> None:
         self.dataset = dataset
         self.network = network
@@ -128,6 +133,7 @@ class SegmentationRunner:
         self.options = dict(options or {})
         auto = isinstance(skip_existing, str) and skip_existing.strip().lower() == "auto"
         self.skip_existing = is_cohort_input(input) if auto else as_bool(skip_existing)
+        self.pipeline_device = pipeline_device
         self.summary: Dict[str, Any] = {}
 
     def _device(self) -> torch.device:
@@ -145,10 +151,33 @@ class SegmentationRunner:
     def run_case(self, index: int, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Process case ``index`` and return its report (raises on any failure).
 
-        Warnings about non-CT intensities go into the report (``warnings``), which the writer writes last.
+        Warnings about non-CT intensities go into the report (``warnings``), which the writer writes last. On a
+        GPU-resident pipeline an out-of-memory error reruns the case on the host pipeline (one log line, and
+        ``pipeline.fallback`` in the report).
         """
+        pipeline = self.pipeline_device
+        if pipeline is None or not pipeline.resident:
+            return self._run_case(index, options)
+        try:
+            return self._run_case(index, options)
+        except torch.OutOfMemoryError as e:
+            reason = describe_error(e)[:200]
+        # outside the except block, so the failed attempt's tensors (held by the traceback) are freed first
+        case = self.dataset.data[index]["case"]  # type: ignore[attr-defined]
+        logger.warning("%s: out of GPU memory on the GPU-resident pipeline; rerunning on the host pipeline", case)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        with pipeline.on_host():
+            return self._run_case(index, options, fallback=f"host pipeline after {reason}")
+
+    def _run_case(
+        self, index: int, options: Optional[Dict[str, Any]] = None, fallback: Optional[str] = None
+    ) -> Dict[str, Any]:
         item = self.dataset.data[index]  # type: ignore[attr-defined]
         timer = PhaseTimer(self._device())
+        pipeline = self.pipeline_device
+        if pipeline is not None:
+            pipeline.reset_peak_memory()
         check_case = getattr(self.writer, "check_case", None)
         with timer.phase("load"):  # the cheap checks read the file once
             if check_case is not None:
@@ -175,8 +204,17 @@ class SegmentationRunner:
         notes = sorted({str(w.message) for w in caught if issubclass(w.category, NonCTIntensityWarning)})
         options = self.case_options() if options is None else options
         crop = data.get("body_crop", {"enabled": False, "fraction": 1.0})  # the grid's share the windows covered
+        info: Dict[str, Any] = {"body_crop": crop}
+        if pipeline is not None:
+            info["pipeline"] = {
+                "device": str(pipeline.device),
+                "resident": pipeline.resident,
+                "peak_gpu_memory_mb": round(pipeline.peak_memory_bytes() / 2**20, 1),
+            }
+            if fallback is not None:
+                info["pipeline"]["fallback"] = fallback
         return self.writer(
-            data, item["case"], input=str(item["image"]), options=options, warnings=notes, timer=timer, body_crop=crop
+            data, item["case"], input=str(item["image"]), options=options, warnings=notes, timer=timer, **info
         )
 
     def run(self) -> Dict[str, Any]:
@@ -237,6 +275,7 @@ class SegmentationRunner:
                     "seconds": round(time.time() - start, 2),
                     "phases": report.get("seconds", {}),
                     "warnings": report.get("warnings", []),
+                    **({"pipeline": report["pipeline"]} if "pipeline" in report else {}),
                     **where,
                 }
             )
