@@ -3,9 +3,10 @@
 With a CUDA device, ``configs/inference.json`` moves the loaded image to the GPU once (``PipelineToDeviced``);
 orientation, resampling, intensity scaling, the body crop, the sliding window, thresholding, the published
 post-processing (``scripts.inference.components``) and the inversion to the input grid then run there, and only
-the uint8 results come back to the host (``PipelineToHostd`` with ``when="gpu_pipeline"``). Otherwise the case
-stays on the host and the stitched masks come back right after the sliding window (``when="host_pipeline"``),
-as a CPU-preprocessed pipeline needs.
+the uint8 label maps come back to the host (``PipelineToHostd`` with ``when="gpu_pipeline"``); the writer inverts
+requested masks and probabilities on the GPU one channel at a time and brings each inverted channel back.
+Otherwise the case stays on the host and the stitched masks come back right after the sliding window
+(``when="host_pipeline"``), as a CPU-preprocessed pipeline needs.
 
 One ``PipelineDevice`` is shared by these steps and by ``SegmentationRunner``, which reruns a case on the host
 pipeline (``on_host``) when the GPU runs out of memory.

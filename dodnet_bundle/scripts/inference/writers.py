@@ -338,6 +338,7 @@ class SegmentationWriter:
                 channel = data[key][2 * k + ch : 2 * k + ch + 1]
                 channel = MetaTensor(channel.as_tensor() if isinstance(channel, MetaTensor) else channel).float()
                 out = invert({"image": data["image"], "x": channel})["x"]  # Invertd skips plain tensors
+                out = out.detach().cpu()  # inverted on the masks' device (the GPU on a GPU-resident pipeline)
                 if tuple(out.shape[1:]) != tuple(data["pred"].shape[1:]):
                     raise RuntimeError(f"{case}: inverted {name} {suffix} has shape {tuple(out.shape)}")
                 path = self.path(case, f"{name.replace(' ', '_')}_{suffix}.nii.gz")
