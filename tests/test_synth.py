@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from scripts.data.label_mapping import MapTaskLabelsd
 from scripts.data.synth import (
@@ -226,3 +227,30 @@ def test_realistic_data_set_through_synth_options(tmp_path: Path) -> None:
     assert json.loads((folder / "synth.json").read_text())["size"] == "realistic"
     demo = ensure_mots_synth(tmp_path, **options)
     assert demo.parent != folder and "size" not in json.loads((demo.parent / "synth.json").read_text())
+
+
+def test_shapes_drawn_in_their_box_equal_the_whole_grid() -> None:
+    """Balls, tubes and the deep-point pick work inside bounding boxes; the masks must be those of the whole
+    grid, also for shapes that cross the grid's border or miss it."""
+    from scripts.data.synth import _ball, _grid, _pick_inside, _segment_distance, _tube
+
+    rng = np.random.default_rng(3)
+    spacing = (0.8, 0.7, 1.9)
+    pts = _grid((23, 19, 11), spacing, (0.4, -0.3, 0.2))
+    for _ in range(40):
+        center, radius = rng.uniform(-12, 12, size=3), rng.uniform(0.5, 6.0)
+        np.testing.assert_array_equal(_ball(pts, center, radius), np.linalg.norm(pts - center, axis=-1) < radius)
+        path = [rng.uniform(-14, 14, size=3) for _ in range(3)]
+        radii = list(rng.uniform(0.5, 4.0, size=2))
+        whole = (_segment_distance(pts, path[0], path[1]) < radii[0]) | (
+            _segment_distance(pts, path[1], path[2]) < radii[1]
+        )
+        np.testing.assert_array_equal(_tube(pts, path, radii), whole)
+    mask = np.linalg.norm(pts - np.array([6.0, 0.0, 0.0]), axis=-1) < 5.0  # touches the x border
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
+    for margin in (1.0, 3.0, 50.0):
+        expected = np.argwhere(depth >= margin) if (depth >= margin).any() else np.argwhere(depth >= 0.5 * depth.max())
+        choice = expected[np.random.default_rng(7).integers(len(expected))]
+        np.testing.assert_array_equal(
+            _pick_inside(np.random.default_rng(7), pts, mask, margin, spacing), pts[tuple(choice)]
+        )
