@@ -97,3 +97,22 @@ def test_weights_and_shape_check():
     assert torch.allclose(bce_only, F.binary_cross_entropy_with_logits(logits, target), atol=1e-6)
     with pytest.raises(ValueError, match="same shape"):
         PartialLabelDiceBCELoss()(logits, target[:, :1])
+
+
+def test_pos_weight_weighs_the_foreground_voxels_of_the_bce_term():
+    logits, target = _batch(5)
+    target[1, 0] = -1
+    loss = PartialLabelDiceBCELoss(dice_weight=0.0, pos_weight=20.0)(logits, target)
+
+    def weighted_bce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(x)
+        return -(20.0 * y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+
+    organ = weighted_bce(logits[0, 0], target[0, 0])
+    tumor = (weighted_bce(logits[0, 1], target[0, 1]) + weighted_bce(logits[1, 1], target[1, 1])) / 2
+    assert torch.allclose(loss, (organ + tumor) / 2, atol=1e-5)
+    plain = PartialLabelDiceBCELoss()
+    assert torch.equal(PartialLabelDiceBCELoss(pos_weight=1.0)(logits, target), plain(logits, target))
+    for bad in (0.0, -3.0):
+        with pytest.raises(ValueError, match="pos_weight"):
+            PartialLabelDiceBCELoss(pos_weight=bad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -16,7 +18,8 @@ class PartialLabelDiceBCELoss(_Loss):
     For every channel ``c`` (0 organ, 1 tumor) the samples whose target channel is labeled (no
     negative value) contribute ``dice_weight * Dice + bce_weight * BCE`` where, per sample,
     ``Dice = 1 - 2 * sum(p * g) / (sum(p) + sum(g) + 1)`` with ``p = sigmoid(logit)`` (MONAI's
-    ``DiceLoss`` with ``smooth_nr=0, smooth_dr=1``) and BCE is averaged over the voxels; the channel
+    ``DiceLoss`` with ``smooth_nr=0, smooth_dr=1``) and BCE is averaged over the voxels (foreground voxels
+    weighted by ``pos_weight`` when it is given); the channel
     loss is the mean over its labeled samples. Channels without any labeled sample in the batch are
     dropped and the result is the mean over the remaining channels. Unlabeled entries are never read,
     so their logits get exactly zero gradient. The loss is computed in float32 (also under AMP).
@@ -25,6 +28,9 @@ class PartialLabelDiceBCELoss(_Loss):
         dice_weight: weight of the Dice term (1).
         bce_weight: weight of the BCE term (1).
         unlabeled_below: a target channel is unlabeled when its values are below this (the ``-1`` fill).
+        pos_weight: weight of the foreground voxels in the BCE term (PyTorch's ``pos_weight`` of
+            ``binary_cross_entropy_with_logits``, the same for both channels); None or 1 weighs every voxel
+            alike, as the published loss.
 
     Forward:
         input: logits (B, C, H, W, D) (C = 2 for DoDNet called with one task per sample).
@@ -38,8 +44,17 @@ class PartialLabelDiceBCELoss(_Loss):
             augmentation corrupted the -1 marker); a batch with no labeled channel at all.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, unlabeled_below: float = 0.0) -> None:
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        unlabeled_below: float = 0.0,
+        pos_weight: Optional[float] = None,
+    ) -> None:
         super().__init__()
+        if pos_weight is not None and not float(pos_weight) > 0:
+            raise ValueError(f"pos_weight must be a positive number or None, got {pos_weight!r}")
+        self.pos_weight = None if pos_weight is None or float(pos_weight) == 1.0 else float(pos_weight)
         self.dice_weight = float(dice_weight)
         self.bce_weight = float(bce_weight)
         self.unlabeled_below = float(unlabeled_below)
@@ -80,6 +95,7 @@ class PartialLabelDiceBCELoss(_Loss):
             x = logits[rows, c : c + 1]
             y = target[rows, c : c + 1]
             dice = self.dice(x, y).mean()
-            bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
+            pos_weight = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
+            bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pos_weight)
             losses.append(self.dice_weight * dice + self.bce_weight * bce)
         return torch.stack(losses).mean()
