@@ -13,9 +13,11 @@ case for its own task):
 - ``multi_nets``: seven single-task networks, each trained on its own task's volumes for 1/7 of the
   iterations (the same total budget).
 
-The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--warmup``, ``--clip``,
-``--beta2``, ``--ema``, ``--train_seed``) and ``--post_rules demo`` (score after demo.json's post-processing
-as well as raw) make it the loop for comparing demo recipes over several seeds at a fixed budget.
+The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
+``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and ``--post_rules
+demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo recipes over
+several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve from one
+run) and ``--logit_stats`` adds each structure's mean logit on its foreground and background voxels there.
 
 Run (2-core CPU, a few minutes per variant with the defaults)::
 
@@ -23,6 +25,8 @@ Run (2-core CPU, a few minutes per variant with the defaults)::
     python benchmarks/ablation_synth.py --iterations 600 --variants dodnet,cond_no --json ablation.json
     python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
         --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --train_seed 1
+    python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
+        --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --eval_at 350,700
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dodnet_bundle"))
 
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist  # noqa: E402
 from monai.metrics import compute_dice  # noqa: E402
+from monai.optimizers import generate_param_groups  # noqa: E402
 from monai.transforms import Compose, SpatialPadd  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
@@ -68,12 +73,18 @@ class Recipe:
         beta2: Adam's second-moment decay.
         ema: decay of an exponential moving average of the weights that is scored instead of the
             trained weights (0: none); the decay ramps up as ``min(ema, (1 + step) / (10 + step))``.
+        pos_weight: BCE weight of the foreground voxels (``PartialLabelDiceBCELoss``; 0: none).
+        controller_lr_scale: learning rate of the controller relative to the rest of the network.
+        crop: train on random crops of this (H, W, D) size (one offset per batch) instead of whole volumes.
     """
 
     warmup: int = 0
     clip: float = 0.0
     beta2: float = 0.999
     ema: float = 0.0
+    pos_weight: float = 0.0
+    controller_lr_scale: float = 1.0
+    crop: Tuple[int, ...] = ()
     ema_net: Optional[torch.nn.Module] = None
 
     @torch.no_grad()
@@ -84,6 +95,12 @@ class Recipe:
             ema_p.lerp_(p, 1.0 - decay)
         for ema_b, b in zip(self.ema_net.buffers(), net.buffers()):
             ema_b.copy_(b)
+
+
+def _network(num_tasks: int, kwargs: Dict[str, Any]) -> DoDNet:
+    """A DoDNet in the channels-last memory format that train.json trains in (its ``channels_last``), so that the
+    loop's seconds are those of the bundle's training step."""
+    return DoDNet(num_tasks=num_tasks, **kwargs).to(memory_format=torch.channels_last_3d)
 
 
 def _datasets(datalist: Path, patch: Sequence[int]) -> Tuple[CacheDataset, CacheDataset]:
@@ -106,15 +123,20 @@ def _train(
     fixed_task: Optional[int],
     bce_weight: float = 1.0,
     recipe: Optional["Recipe"] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
 ) -> float:
     """Train ``net`` for ``iterations`` steps (Adam, poly 0.9 decay); ``fixed_task`` feeds task id 0 (single-task nets).
 
-    ``recipe`` adds a linear warm-up, gradient-norm clipping, Adam's beta2 and an EMA copy of the weights
-    (``recipe.ema_net``, updated after every step).
+    ``recipe`` adds a linear warm-up, gradient-norm clipping, Adam's beta2, an EMA copy of the weights
+    (``recipe.ema_net``, updated after every step), a BCE foreground weight, the controller's learning rate and
+    random crops. ``on_step(step, train_seconds)`` runs after every step (its own time is not counted).
     """
     recipe = recipe or Recipe()
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=len(data) > batch_size)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, recipe.beta2))
+    params = generate_param_groups(
+        net, [lambda m: m.controller], ["select"], [lr * recipe.controller_lr_scale], include_others=True
+    )
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, recipe.beta2))
     total = max(1, iterations)
 
     def factor(step: int) -> float:
@@ -122,15 +144,21 @@ def _train(
         return warm * (1.0 - min(step, total) / total) ** 0.9
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight)
+    loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight, pos_weight=recipe.pos_weight or None)
     if recipe.ema:
         recipe.ema_net = copy.deepcopy(net)
     net.train()
-    step, start = 0, time.time()
+    step, seconds = 0, 0.0
     while step < iterations:
         for batch in loader:
+            start = time.time()
             task = torch.zeros_like(batch["task_id"]) if fixed_task is not None else batch["task_id"]
-            loss = loss_fn(net(batch["image"], task), batch["label"])
+            image, label = batch["image"], batch["label"]
+            if recipe.crop:
+                offsets = [int(np.random.randint(0, n - c + 1)) for n, c in zip(image.shape[2:], recipe.crop)]
+                window = (slice(None), slice(None)) + tuple(slice(o, o + c) for o, c in zip(offsets, recipe.crop))
+                image, label = image[window], label[window]
+            loss = loss_fn(net(image, task), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.clip:
@@ -140,9 +168,12 @@ def _train(
             step += 1
             if recipe.ema_net is not None:
                 recipe.update_ema(net, step)
+            seconds += time.time() - start
+            if on_step is not None:
+                on_step(step, seconds)
             if step >= iterations:
                 break
-    return time.time() - start
+    return seconds
 
 
 @torch.no_grad()
@@ -174,6 +205,62 @@ def _score(
     return scores
 
 
+@torch.no_grad()
+def _logit_stats(net: DoDNet, data: CacheDataset) -> Dict[Tuple[str, int], Tuple[float, float]]:
+    """Mean logit on the foreground and on the background voxels per (task, channel), over the cases that
+    label the channel and have foreground in it (whether a structure is learned but not yet above 0)."""
+    values: Dict[Tuple[str, int], List[Tuple[float, float]]] = {}
+    net.eval()
+    for item in data:
+        task = int(item["task_id"])
+        logits = net(item["image"][None], torch.tensor([task]))[0]
+        for channel in range(2):
+            ref = item["label"][channel].as_subclass(torch.Tensor)
+            if bool((ref < 0).all()) or not bool((ref > 0).any()):
+                continue
+            x = logits[channel]
+            values.setdefault((TASKS[task].name, channel), []).append(
+                (float(x[ref > 0].mean()), float(x[ref == 0].mean()))
+            )
+    return {k: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs]))) for k, vs in values.items()}
+
+
+def _label(key: Tuple[str, int]) -> str:
+    return f"{key[0]}:{'organ' if key[1] == 0 else 'tumor'}"
+
+
+def _curve_point(
+    variant: str,
+    net: DoDNet,
+    data: CacheDataset,
+    step: int,
+    seconds: float,
+    post_rules: Optional[Dict[str, Any]],
+    logit_stats: bool,
+) -> Dict[str, object]:
+    """Score ``net`` on ``data`` during training (after post-processing when ``post_rules`` is given), print one
+    line (and the logit means with ``logit_stats``) and return ``{"seconds", "organ", "tumor", "dice"}``."""
+    scores = _score({-1: net}, data, False, post_rules)
+    kind = "post" if "post" in scores else "raw"
+    dice = {k: float(np.mean(v)) for k, v in scores[kind].items()}
+    organ = float(np.mean([d for k, d in dice.items() if k[1] == 0]))
+    tumor = float(np.mean([d for k, d in dice.items() if k[1] == 1]))
+    print(
+        f"{variant} at {step} iterations ({seconds:.0f} s of training): organ {organ:.3f}, tumor {tumor:.3f} ({kind}); "
+        + ", ".join(f"{_label(k)} {d:.2f}" for k, d in sorted(dice.items())),
+        flush=True,
+    )
+    if logit_stats:
+        stats = _logit_stats(net, data)
+        print(
+            "  mean logit, foreground / background: "
+            + ", ".join(f"{_label(k)} {fg:.1f} / {bg:.1f}" for k, (fg, bg) in sorted(stats.items())),
+            flush=True,
+        )
+    net.train()
+    return {"seconds": seconds, "organ": organ, "tumor": tumor, "dice": {_label(k): d for k, d in dice.items()}}
+
+
 def run_ablation(
     variants: Sequence[str] = VARIANTS,
     iterations: int = 300,
@@ -195,8 +282,14 @@ def run_ablation(
     post_rules: Optional[Dict[str, Any]] = None,
     score_train: bool = False,
     synth_workers: int = 1,
+    eval_at: Sequence[int] = (),
+    logit_stats: bool = False,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
+
+    ``eval_at``: iterations at which the test split is also scored during training (not for ``multi_nets``),
+    stored as ``"curve": {iteration: {"seconds", "organ", "tumor", "dice"}}``; ``logit_stats`` prints the mean
+    foreground and background logits there too.
 
     ``seed`` makes the data, ``train_seed`` (default: ``seed``) the initialization and batch order.
     Returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``, plus ``"dice_post"`` with
@@ -227,15 +320,25 @@ def run_ablation(
             nets = {}
             for spec in TASKS:
                 subset = [d for d in train_data if int(d["task_id"]) == spec.id]
-                net, task_recipe = DoDNet(num_tasks=1, **kwargs), copy.deepcopy(recipe_v)
+                net, task_recipe = _network(1, kwargs), copy.deepcopy(recipe_v)
                 seconds += _train(net, subset, iterations // len(TASKS), batch_size, lr, 0, bce_weight, task_recipe)
                 nets[spec.id] = task_recipe.ema_net if task_recipe.ema_net is not None else net
             scored_nets, single_task = nets, True
         else:
-            net = DoDNet(num_tasks=len(TASKS), **kwargs)
-            seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight, recipe_v)
+            net = _network(len(TASKS), kwargs)
+            curve: Dict[int, Dict[str, object]] = {}
+
+            def on_step(step: int, train_seconds: float) -> None:
+                if step in eval_at:
+                    scored = recipe_v.ema_net if recipe_v.ema_net is not None else net
+                    curve[step] = _curve_point(variant, scored, test_data, step, train_seconds, post_rules, logit_stats)
+                    net.train()
+
+            seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight, recipe_v, on_step)
             scored_nets, single_task = {-1: recipe_v.ema_net if recipe_v.ema_net is not None else net}, False
         results[variant] = {"seconds": seconds}
+        if variant != "multi_nets" and eval_at:
+            results[variant]["curve"] = curve
         for prefix, data in (("", test_data), ("train_", train_data))[: 2 if score_train else 1]:
             scores = _score(scored_nets, data, single_task, post_rules)
             for kind, field in (("raw", "dice"), ("post", "dice_post")):
@@ -283,6 +386,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--warmup", type=int, default=0, help="iterations of linear learning-rate warm-up")
     parser.add_argument("--clip", type=float, default=0.0, help="maximum gradient norm (0: no clipping)")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2")
+    parser.add_argument("--pos_weight", type=float, default=0.0, help="BCE weight of foreground voxels (0: none)")
+    parser.add_argument("--controller_lr_scale", type=float, default=1.0, help="controller learning rate / lr")
+    parser.add_argument("--crop", default="", help="train on random H,W,D crops of this size (default: whole volumes)")
+    parser.add_argument("--eval_at", default="", help="comma-separated iterations at which to score the test split")
+    parser.add_argument("--logit_stats", action="store_true", help="with --eval_at: mean foreground/background logits")
     parser.add_argument("--ema", type=float, default=0.0, help="score an EMA of the weights with this decay (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MOTS-synth data")
     parser.add_argument(
@@ -323,10 +431,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         num_test_per_task=args.num_test_per_task,
         seed=args.seed,
         train_seed=args.train_seed,
-        recipe=Recipe(warmup=args.warmup, clip=args.clip, beta2=args.beta2, ema=args.ema),
+        recipe=Recipe(
+            warmup=args.warmup,
+            clip=args.clip,
+            beta2=args.beta2,
+            ema=args.ema,
+            pos_weight=args.pos_weight,
+            controller_lr_scale=args.controller_lr_scale,
+            crop=tuple(int(c) for c in args.crop.split(",") if c.strip()),
+        ),
         post_rules=post_rules,
         score_train=args.score_train,
         synth_workers=args.synth_workers,
+        eval_at=[int(i) for i in args.eval_at.split(",") if i.strip()],
+        logit_stats=args.logit_stats,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
@@ -336,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             return {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in dice.items()}
 
         serial = {
-            v: {field: (value if field == "seconds" else named(value)) for field, value in r.items()}
+            v: {field: (value if field in ("seconds", "curve") else named(value)) for field, value in r.items()}
             for v, r in results.items()
         }
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": serial}, indent=2))

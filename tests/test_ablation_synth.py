@@ -1,0 +1,52 @@
+"""benchmarks/ablation_synth.py, the loop that compares demo recipes: its knobs do what they say."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from helpers.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import ablation_synth  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory):
+    from scripts.data.synth import ensure_mots_synth
+
+    datalist = ensure_mots_synth(tmp_path_factory.mktemp("synth"), num_per_task=1, num_test_per_task=1)
+    return ablation_synth._datasets(datalist, (64, 64, 32))
+
+
+def test_crop_controller_rate_and_curve_points(tiny_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, test = tiny_data
+    net = ablation_synth._network(7, dict(base_channels=4, preseg_channels=8, head_width=8, norm_groups=2))
+    assert net.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    shapes = []
+    net.backbone.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[2:])))
+    rates = {}
+    original_adam = torch.optim.Adam
+
+    def spy_adam(params, **kwargs):
+        optimizer = original_adam(params, **kwargs)
+        controller = {id(p) for p in net.controller.parameters()}
+        for group in optimizer.param_groups:
+            rates["controller" if id(group["params"][0]) in controller else "rest"] = group["lr"]
+        return optimizer
+
+    monkeypatch.setattr(ablation_synth.torch.optim, "Adam", spy_adam)
+    steps = []
+    recipe = ablation_synth.Recipe(crop=(48, 32, 32), controller_lr_scale=0.25, pos_weight=5.0)
+    seconds = ablation_synth._train(net, train, 3, 2, 1e-3, None, 0.3, recipe, lambda s, t: steps.append((s, t)))
+    assert shapes == [(48, 32, 32)] * 3  # every training step saw a crop of the asked size
+    assert rates == {"controller": pytest.approx(2.5e-4), "rest": pytest.approx(1e-3)}
+    assert [s for s, _ in steps] == [1, 2, 3] and seconds == pytest.approx(steps[-1][1])
+    point = ablation_synth._curve_point("dodnet", net, test, 3, seconds, None, logit_stats=True)
+    assert set(point) == {"seconds", "organ", "tumor", "dice"}
+    assert len(point["dice"]) == 11 and all(0.0 <= d <= 1.0 for d in point["dice"].values())
+    assert net.training  # scoring during training leaves the network in training mode
+    stats = ablation_synth._logit_stats(net, test)
+    assert stats and all(len(v) == 2 for v in stats.values())
