@@ -369,6 +369,11 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(rows)
 
 
+def _ints(text: str) -> Tuple[int, ...]:
+    """``"48,48,32"`` -> ``(48, 48, 32)``; an empty string -> ``()``."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
@@ -438,12 +443,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             ema=args.ema,
             pos_weight=args.pos_weight,
             controller_lr_scale=args.controller_lr_scale,
-            crop=tuple(int(c) for c in args.crop.split(",") if c.strip()),
+            crop=_ints(args.crop),
         ),
         post_rules=post_rules,
         score_train=args.score_train,
         synth_workers=args.synth_workers,
-        eval_at=[int(i) for i in args.eval_at.split(",") if i.strip()],
+        eval_at=_ints(args.eval_at),
         logit_stats=args.logit_stats,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
