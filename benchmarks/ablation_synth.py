@@ -60,6 +60,8 @@ from scripts.tasks import TASKS  # noqa: E402
 from scripts.training.losses import PartialLabelDiceBCELoss  # noqa: E402
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
+PATCH = (64, 64, 32)
+"""The whole MOTS-synth volume at 0.8 x 0.8 x 1.5 mm: the training patch, as demo.json's ``patch_size``."""
 CONDITIONING = {"dodnet": "dodnet", "task_only": "task", "cond_no": "image", "multi_nets": "dodnet"}
 
 
@@ -148,10 +150,9 @@ def _train(
     if recipe.ema:
         recipe.ema_net = copy.deepcopy(net)
     net.train()
-    step, seconds = 0, 0.0
+    step, start, paused, elapsed = 0, time.time(), 0.0, 0.0
     while step < iterations:
         for batch in loader:
-            start = time.time()
             task = torch.zeros_like(batch["task_id"]) if fixed_task is not None else batch["task_id"]
             image, label = batch["image"], batch["label"]
             if recipe.crop:
@@ -168,22 +169,29 @@ def _train(
             step += 1
             if recipe.ema_net is not None:
                 recipe.update_ema(net, step)
-            seconds += time.time() - start
+            elapsed = time.time() - start - paused  # the loop's wall time, data included, callbacks excluded
             if on_step is not None:
-                on_step(step, seconds)
+                on_step(step, elapsed)
+                paused = time.time() - start - elapsed
             if step >= iterations:
                 break
-    return seconds
+    return elapsed
 
 
 @torch.no_grad()
 def _score(
-    nets: Dict[int, DoDNet], data: CacheDataset, single_task: bool, post_rules: Optional[Dict[str, Any]] = None
+    nets: Dict[int, DoDNet],
+    data: CacheDataset,
+    single_task: bool,
+    post_rules: Optional[Dict[str, Any]] = None,
+    logit_means: Optional[Dict[Tuple[str, int], List[Tuple[float, float]]]] = None,
 ) -> Dict[str, Dict[Tuple[str, int], List[float]]]:
     """Dice per (task, channel) on the test cases, each case segmented for its own task.
 
     Returns ``{"raw": scores}``, plus ``{"post": scores}`` after the task post-processing with ``post_rules``
-    (rule overrides per task name, as demo.json's) when it is given.
+    (rule overrides per task name, as demo.json's) when it is given. ``logit_means``, when given, receives per
+    (task, channel) each case's mean logit on its foreground and on its background voxels (cases that label the
+    channel and have foreground in it), from the same forward pass.
     """
     post = None if post_rules is None else TaskPostProcessd(keys="pred", task_id_key="task_id", rules=post_rules)
     scores: Dict[str, Dict[Tuple[str, int], List[float]]] = {"raw": {}} if post is None else {"raw": {}, "post": {}}
@@ -192,6 +200,14 @@ def _score(
         net = nets[task] if single_task else nets[-1]
         net.eval()
         logits = net(item["image"][None], torch.tensor([0 if single_task else task]))[0]
+        if logit_means is not None:
+            for channel in range(2):
+                ref = item["label"][channel].as_subclass(torch.Tensor)
+                if bool((ref >= 0).all()) and bool((ref > 0).any()):
+                    x = logits[channel]
+                    logit_means.setdefault((TASKS[task].name, channel), []).append(
+                        (float(x[ref > 0].mean()), float(x[ref == 0].mean()))
+                    )
         preds = {"raw": (logits > 0).float()}
         if post is not None:
             preds["post"] = torch.as_tensor(post({"pred": preds["raw"].clone(), "task_id": task})["pred"]).float()
@@ -205,23 +221,15 @@ def _score(
     return scores
 
 
-@torch.no_grad()
 def _logit_stats(net: DoDNet, data: CacheDataset) -> Dict[Tuple[str, int], Tuple[float, float]]:
     """Mean logit on the foreground and on the background voxels per (task, channel), over the cases that
     label the channel and have foreground in it (whether a structure is learned but not yet above 0)."""
     values: Dict[Tuple[str, int], List[Tuple[float, float]]] = {}
-    net.eval()
-    for item in data:
-        task = int(item["task_id"])
-        logits = net(item["image"][None], torch.tensor([task]))[0]
-        for channel in range(2):
-            ref = item["label"][channel].as_subclass(torch.Tensor)
-            if bool((ref < 0).all()) or not bool((ref > 0).any()):
-                continue
-            x = logits[channel]
-            values.setdefault((TASKS[task].name, channel), []).append(
-                (float(x[ref > 0].mean()), float(x[ref == 0].mean()))
-            )
+    _score({-1: net}, data, False, logit_means=values)
+    return _mean_pairs(values)
+
+
+def _mean_pairs(values: Dict[Tuple[str, int], List[Tuple[float, float]]]) -> Dict[Tuple[str, int], Tuple[float, float]]:
     return {k: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs]))) for k, vs in values.items()}
 
 
@@ -240,7 +248,8 @@ def _curve_point(
 ) -> Dict[str, object]:
     """Score ``net`` on ``data`` during training (after post-processing when ``post_rules`` is given), print one
     line (and the logit means with ``logit_stats``) and return ``{"seconds", "organ", "tumor", "dice"}``."""
-    scores = _score({-1: net}, data, False, post_rules)
+    means: Optional[Dict[Tuple[str, int], List[Tuple[float, float]]]] = {} if logit_stats else None
+    scores = _score({-1: net}, data, False, post_rules, means)
     kind = "post" if "post" in scores else "raw"
     dice = {k: float(np.mean(v)) for k, v in scores[kind].items()}
     organ = float(np.mean([d for k, d in dice.items() if k[1] == 0]))
@@ -250,8 +259,8 @@ def _curve_point(
         + ", ".join(f"{_label(k)} {d:.2f}" for k, d in sorted(dice.items())),
         flush=True,
     )
-    if logit_stats:
-        stats = _logit_stats(net, data)
+    if means is not None:
+        stats = _mean_pairs(means)
         print(
             "  mean logit, foreground / background: "
             + ", ".join(f"{_label(k)} {fg:.1f} / {bg:.1f}" for k, (fg, bg) in sorted(stats.items())),
@@ -270,7 +279,7 @@ def run_ablation(
     lr: float = 3e-3,
     cache_dir: str = ".cache/ablation_synth",
     seed: int = 0,
-    patch: Sequence[int] = (64, 64, 32),
+    patch: Sequence[int] = PATCH,
     preseg_channels: int = 16,
     head_width: int = 16,
     controller_init: str = "default",
@@ -332,7 +341,6 @@ def run_ablation(
                 if step in eval_at:
                     scored = recipe_v.ema_net if recipe_v.ema_net is not None else net
                     curve[step] = _curve_point(variant, scored, test_data, step, train_seconds, post_rules, logit_stats)
-                    net.train()
 
             seconds = _train(net, train_data, iterations, batch_size, lr, None, bce_weight, recipe_v, on_step)
             scored_nets, single_task = {-1: recipe_v.ema_net if recipe_v.ema_net is not None else net}, False
@@ -370,8 +378,14 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
 
 
 def _ints(text: str) -> Tuple[int, ...]:
-    """``"48,48,32"`` -> ``(48, 48, 32)``; an empty string -> ``()``."""
-    return tuple(int(part) for part in text.split(",") if part.strip())
+    """``"48,48,32"`` -> ``(48, 48, 32)``; an empty string -> ``()`` (argparse ``type``: a bad value is one line)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -393,8 +407,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2")
     parser.add_argument("--pos_weight", type=float, default=0.0, help="BCE weight of foreground voxels (0: none)")
     parser.add_argument("--controller_lr_scale", type=float, default=1.0, help="controller learning rate / lr")
-    parser.add_argument("--crop", default="", help="train on random H,W,D crops of this size (default: whole volumes)")
-    parser.add_argument("--eval_at", default="", help="comma-separated iterations at which to score the test split")
+    parser.add_argument(
+        "--crop", type=_ints, default=(), help="train on random H,W,D crops of this size (default: whole volumes)"
+    )
+    parser.add_argument(
+        "--eval_at", type=_ints, default=(), help="comma-separated iterations at which to score the test split"
+    )
     parser.add_argument("--logit_stats", action="store_true", help="with --eval_at: mean foreground/background logits")
     parser.add_argument("--ema", type=float, default=0.0, help="score an EMA of the weights with this decay (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MOTS-synth data")
@@ -413,6 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--cache_dir", default=".cache/ablation_synth")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.crop and (len(args.crop) != 3 or any(c > p or c % 16 for c, p in zip(args.crop, PATCH))):
+        parser.error(f"--crop must be three sizes divisible by 16 within the {PATCH} volumes, got {args.crop}")
     if args.threads:
         torch.set_num_threads(args.threads)
     post_rules = None
@@ -443,12 +463,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             ema=args.ema,
             pos_weight=args.pos_weight,
             controller_lr_scale=args.controller_lr_scale,
-            crop=_ints(args.crop),
+            crop=args.crop,
         ),
         post_rules=post_rules,
         score_train=args.score_train,
         synth_workers=args.synth_workers,
-        eval_at=_ints(args.eval_at),
+        eval_at=args.eval_at,
         logit_stats=args.logit_stats,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
