@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.paths import BUNDLE_ROOT
 from scipy import ndimage
 
 from scripts.data.label_mapping import MapTaskLabelsd
@@ -179,6 +183,27 @@ def test_bad_arguments() -> None:
         ensure_mots_synth("unused", size="huge")
     with pytest.raises(ValueError, match="max_slices"):
         generate_case("liver", np.random.default_rng(0), size="realistic", max_slices=0)
+
+
+def test_generation_with_workers_from_an_unguarded_script_fails_instead_of_hanging(tmp_path: Path) -> None:
+    # a script calling ensure_mots_synth(workers=2) at top level: every spawned worker runs the script again;
+    # it must stop with the fix in its message, not wait forever for the lock the parent holds
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(BUNDLE_ROOT)!r})
+            from scripts.data.synth import ensure_mots_synth
+            ensure_mots_synth({str(tmp_path / "cache")!r}, num_per_task=2, num_val_per_task=0, num_test_per_task=0,
+                              tasks="spleen", workers=2)
+            """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "if __name__ == '__main__':" in result.stderr
+    guarded = tmp_path / "guarded.py"
+    body = "".join("    " + line + "\n" for line in script.read_text().strip().splitlines())
+    guarded.write_text("def main():\n" + body + "\n\nif __name__ == '__main__':\n    main()\n")
+    subprocess.run([sys.executable, str(guarded)], check=True, capture_output=True, timeout=300)
+    assert len(list((tmp_path / "cache").glob("*/images/*.nii.gz"))) == 2
 
 
 DEMO_SHA256 = "9cbad8fa8694d80e"

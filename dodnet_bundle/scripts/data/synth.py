@@ -631,6 +631,7 @@ def ensure_mots_synth(
     """
     from scripts.tasks import resolve_tasks
 
+    _check_not_importing_main()
     counts = _split_counts(num_per_task, num_val_per_task, num_test_per_task)
     _check_size(size, max_slices)
     specs = resolve_tasks(tasks)
@@ -695,6 +696,25 @@ def _write_case(job: _CaseJob) -> None:
     _save_nifti(case_data.label, case_data.affine, job.root / job.item["label"])
 
 
+_MAIN_GUARD_HINT = (
+    "spawned worker processes import the main module again: call ensure_mots_synth (or what calls it) under "
+    "`if __name__ == '__main__':` in a script, or pass workers=1"
+)
+
+
+def _check_not_importing_main() -> None:
+    """Raise ``RuntimeError`` in a spawned worker that is importing the caller's main module.
+
+    A script that calls ``ensure_mots_synth(workers > 1)`` at top level would run the call again in every worker,
+    which would then wait for the lock its parent holds (a silent hang); multiprocessing marks such a worker
+    as ``_inheriting`` while it imports the main module (the check ``multiprocessing.spawn`` makes itself).
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(f"MOTS-synth generation started inside a worker process: {_MAIN_GUARD_HINT}")
+
+
 def _write_cases(jobs: Sequence[_CaseJob], workers: int) -> None:
     """Write ``jobs`` in order in this process (``workers`` <= 1) or across ``workers`` spawned processes."""
     workers = min(int(workers), len(jobs))
@@ -704,11 +724,18 @@ def _write_cases(jobs: Sequence[_CaseJob], workers: int) -> None:
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawned, not forked: the caller may hold torch's thread pools or other threads (the demo's progress bar)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for _ in pool.map(_write_case, jobs):
-            pass
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(_write_case, jobs):
+                pass
+    except BrokenProcessPool:
+        raise RuntimeError(
+            f"a MOTS-synth worker process failed to start or died (for a script that generates at top level: "
+            f"{_MAIN_GUARD_HINT})"
+        ) from None
 
 
 def _complete(datalist_path: Path) -> bool:
