@@ -17,7 +17,9 @@ The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--
 ``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and ``--post_rules
 demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo recipes over
 several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve from one
-run) and ``--logit_stats`` adds each structure's mean logit on its foreground and background voxels there.
+run) and ``--logit_stats`` adds each structure's mean logit on its foreground and background voxels there;
+``--thresholds`` scores the trained network at other logit thresholds than 0 (is a structure ranked above its
+background but not yet above 0, or not separated from it?).
 
 Run (2-core CPU, a few minutes per variant with the defaults)::
 
@@ -185,16 +187,19 @@ def _score(
     single_task: bool,
     post_rules: Optional[Dict[str, Any]] = None,
     logit_means: Optional[Dict[Tuple[str, int], List[Tuple[float, float]]]] = None,
+    thresholds: Sequence[float] = (),
 ) -> Dict[str, Dict[Tuple[str, int], List[float]]]:
     """Dice per (task, channel) on the test cases, each case segmented for its own task.
 
     Returns ``{"raw": scores}``, plus ``{"post": scores}`` after the task post-processing with ``post_rules``
-    (rule overrides per task name, as demo.json's) when it is given. ``logit_means``, when given, receives per
+    (rule overrides per task name, as demo.json's) when it is given, and ``{"logit > t": scores}`` (no
+    post-processing) for every logit threshold ``t`` in ``thresholds``. ``logit_means``, when given, receives per
     (task, channel) each case's mean logit on its foreground and on its background voxels (cases that label the
     channel and have foreground in it), from the same forward pass.
     """
     post = None if post_rules is None else TaskPostProcessd(keys="pred", task_id_key="task_id", rules=post_rules)
     scores: Dict[str, Dict[Tuple[str, int], List[float]]] = {"raw": {}} if post is None else {"raw": {}, "post": {}}
+    scores.update({f"logit > {t:g}": {} for t in thresholds})
     for item in data:
         task = int(item["task_id"])
         net = nets[task] if single_task else nets[-1]
@@ -209,6 +214,7 @@ def _score(
                         (float(x[ref > 0].mean()), float(x[ref == 0].mean()))
                     )
         preds = {"raw": (logits > 0).float()}
+        preds.update({f"logit > {t:g}": (logits > t).float() for t in thresholds})
         if post is not None:
             preds["post"] = torch.as_tensor(post({"pred": preds["raw"].clone(), "task_id": task})["pred"]).float()
         for kind, pred in preds.items():
@@ -293,12 +299,16 @@ def run_ablation(
     synth_workers: int = 1,
     eval_at: Sequence[int] = (),
     logit_stats: bool = False,
+    thresholds: Sequence[float] = (),
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
 
     ``eval_at``: iterations at which the test split is also scored during training (not for ``multi_nets``),
     stored as ``"curve": {iteration: {"seconds", "organ", "tumor", "dice"}}``; ``logit_stats`` prints the mean
-    foreground and background logits there too.
+    foreground and background logits there too. ``thresholds``: the trained network's raw test Dice (no
+    post-processing) when a voxel counts as foreground above each of these logits instead of 0, stored as
+    ``"threshold_dice": {threshold: {(task, channel): mean}}`` (whether a structure is ranked above its background
+    but not yet above 0, or not separated from it at all).
 
     ``seed`` makes the data, ``train_seed`` (default: ``seed``) the initialization and batch order.
     Returns ``{variant: {"dice": {(task, channel): mean}, "seconds": s}}``, plus ``"dice_post"`` with
@@ -348,10 +358,14 @@ def run_ablation(
         if variant != "multi_nets" and eval_at:
             results[variant]["curve"] = curve
         for prefix, data in (("", test_data), ("train_", train_data))[: 2 if score_train else 1]:
-            scores = _score(scored_nets, data, single_task, post_rules)
+            scores = _score(scored_nets, data, single_task, post_rules, thresholds=thresholds if not prefix else ())
             for kind, field in (("raw", "dice"), ("post", "dice_post")):
                 if kind in scores:
                     results[variant][prefix + field] = {k: float(np.mean(v)) for k, v in scores[kind].items()}
+            if thresholds and not prefix:
+                results[variant]["threshold_dice"] = {
+                    t: {k: float(np.mean(v)) for k, v in scores[f"logit > {t:g}"].items()} for t in thresholds
+                }
         print(f"{variant}: trained in {seconds:.0f} s", flush=True)
     return results
 
@@ -374,6 +388,14 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
         cells = [np.mean([results[v][field][k] for k in subset if k in results[v][field]]) for v in variants]
         rows.append(f"{title:<24}" + "".join(f"{c:>12.3f}" for c in cells))
     rows.append(f"{'train seconds':<24}" + "".join(f"{results[v]['seconds']:>12.0f}" for v in variants))
+    for threshold in sorted({t for v in variants for t in results[v].get("threshold_dice", {})}):
+        for title, channel in (("organ", 0), ("tumor", 1)):
+            cells = []
+            for v in variants:
+                dice = results[v].get("threshold_dice", {}).get(threshold)
+                cells.append(np.mean([d for k, d in dice.items() if k[1] == channel]) if dice else float("nan"))
+            label = f"{title} mean, logit > {threshold:g}"
+            rows.append(f"{label:<24}" + "".join(f"{c:>12.3f}" for c in cells))
     return "\n".join(rows)
 
 
@@ -386,6 +408,14 @@ def _ints(text: str) -> Tuple[int, ...]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _floats(text: str) -> Tuple[float, ...]:
+    """``"-5,0,2.5"`` -> ``(-5.0, 0.0, 2.5)`` (argparse ``type``: a bad value is one line)."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -414,6 +444,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--eval_at", type=_ints, default=(), help="comma-separated iterations at which to score the test split"
     )
     parser.add_argument("--logit_stats", action="store_true", help="with --eval_at: mean foreground/background logits")
+    parser.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=(),
+        help="comma-separated logit thresholds at which the trained network's raw test Dice is also scored "
+        "(write negative values as --thresholds=-5,0)",
+    )
     parser.add_argument("--ema", type=float, default=0.0, help="score an EMA of the weights with this decay (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MOTS-synth data")
     parser.add_argument(
@@ -470,6 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         synth_workers=args.synth_workers,
         eval_at=args.eval_at,
         logit_stats=args.logit_stats,
+        thresholds=args.thresholds,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))
@@ -478,10 +516,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         def named(dice: Dict[Tuple[str, int], float]) -> Dict[str, float]:
             return {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in dice.items()}
 
-        serial = {
-            v: {field: (value if field in ("seconds", "curve") else named(value)) for field, value in r.items()}
-            for v, r in results.items()
-        }
+        def serialize(field: str, value: Any) -> Any:
+            if field == "threshold_dice":
+                return {str(t): named(d) for t, d in value.items()}
+            return value if field in ("seconds", "curve") else named(value)
+
+        serial = {v: {field: serialize(field, value) for field, value in r.items()} for v, r in results.items()}
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": serial}, indent=2))
 
 

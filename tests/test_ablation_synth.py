@@ -50,3 +50,34 @@ def test_crop_controller_rate_and_curve_points(tiny_data, monkeypatch: pytest.Mo
     assert net.training  # scoring during training leaves the network in training mode
     stats = ablation_synth._logit_stats(net, test)
     assert stats and all(len(v) == 2 for v in stats.values())
+
+
+def test_threshold_sweep_scores_the_same_logits_at_other_cut_offs(tiny_data) -> None:
+    _, test = tiny_data
+    torch.manual_seed(0)
+    net = ablation_synth._network(7, dict(base_channels=4, preseg_channels=8, head_width=8, norm_groups=2))
+    scores = ablation_synth._score({-1: net}, test, False, thresholds=(0.0, -1e9))
+    assert scores["logit > 0"] == scores["raw"]  # threshold 0 is the plain score
+    everything = scores["logit > -1e+09"]  # every voxel foreground: Dice = 2 |ref| / (|ref| + |volume|)
+    expected = {}
+    for item in test:
+        for channel in range(2):
+            ref = item["label"][channel]
+            if bool((ref < 0).all()):
+                continue
+            n, total = float((ref > 0).sum()), float(ref.numel())
+            key = (ablation_synth.TASKS[int(item["task_id"])].name, channel)
+            expected.setdefault(key, []).append(2 * n / (n + total))
+    assert set(everything) == set(expected)
+    for key, values in expected.items():
+        assert everything[key] == pytest.approx(values, rel=1e-5)
+    results = {"dodnet": {"dice": {k: 0.5 for k in expected}, "seconds": 1.0, "threshold_dice": {-1e9: everything}}}
+    table = ablation_synth.format_results(results)
+    assert "tumor mean, logit > -1e+09" in table and "organ mean, logit > -1e+09" in table
+
+
+def test_thresholds_flag_rejects_a_bad_value_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ablation_synth.main(["--thresholds=-5,zero"])  # negative values need the = form
+    assert exit_info.value.code == 2
+    assert "expected comma-separated numbers, got '-5,zero'" in capsys.readouterr().err
