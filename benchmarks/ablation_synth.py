@@ -181,6 +181,11 @@ def _train(
 
 
 @torch.no_grad()
+def _threshold_kind(threshold: float) -> str:
+    """The key of the scores at a logit ``threshold`` in ``_score``'s result."""
+    return f"logit > {threshold:g}"
+
+
 def _score(
     nets: Dict[int, DoDNet],
     data: CacheDataset,
@@ -199,7 +204,7 @@ def _score(
     """
     post = None if post_rules is None else TaskPostProcessd(keys="pred", task_id_key="task_id", rules=post_rules)
     scores: Dict[str, Dict[Tuple[str, int], List[float]]] = {"raw": {}} if post is None else {"raw": {}, "post": {}}
-    scores.update({f"logit > {t:g}": {} for t in thresholds})
+    scores.update({_threshold_kind(t): {} for t in thresholds})
     for item in data:
         task = int(item["task_id"])
         net = nets[task] if single_task else nets[-1]
@@ -214,7 +219,7 @@ def _score(
                         (float(x[ref > 0].mean()), float(x[ref == 0].mean()))
                     )
         preds = {"raw": (logits > 0).float()}
-        preds.update({f"logit > {t:g}": (logits > t).float() for t in thresholds})
+        preds.update({_threshold_kind(t): (logits > t).float() for t in thresholds})
         if post is not None:
             preds["post"] = torch.as_tensor(post({"pred": preds["raw"].clone(), "task_id": task})["pred"]).float()
         for kind, pred in preds.items():
@@ -364,7 +369,7 @@ def run_ablation(
                     results[variant][prefix + field] = {k: float(np.mean(v)) for k, v in scores[kind].items()}
             if thresholds and not prefix:
                 results[variant]["threshold_dice"] = {
-                    t: {k: float(np.mean(v)) for k, v in scores[f"logit > {t:g}"].items()} for t in thresholds
+                    t: {k: float(np.mean(v)) for k, v in scores[_threshold_kind(t)].items()} for t in thresholds
                 }
         print(f"{variant}: trained in {seconds:.0f} s", flush=True)
     return results
@@ -394,17 +399,22 @@ def format_results(results: Dict[str, Dict[str, object]]) -> str:
             for v in variants:
                 dice = results[v].get("threshold_dice", {}).get(threshold)
                 cells.append(np.mean([d for k, d in dice.items() if k[1] == channel]) if dice else float("nan"))
-            label = f"{title} mean, logit > {threshold:g}"
+            label = f"{title} mean, {_threshold_kind(threshold)}"
             rows.append(f"{label:<24}" + "".join(f"{c:>12.3f}" for c in cells))
     return "\n".join(rows)
 
 
+def _comma_separated(text: str, cast: Callable[[str], Any], what: str) -> Tuple[Any, ...]:
+    """``text`` split at commas and cast; an ``argparse.ArgumentTypeError`` naming ``what`` on a bad part."""
+    try:
+        return tuple(cast(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
 def _ints(text: str) -> Tuple[int, ...]:
     """``"48,48,32"`` -> ``(48, 48, 32)``; an empty string -> ``()`` (argparse ``type``: a bad value is one line)."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    values = _comma_separated(text, int, "integers")
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -412,10 +422,7 @@ def _ints(text: str) -> Tuple[int, ...]:
 
 def _floats(text: str) -> Tuple[float, ...]:
     """``"-5,0,2.5"`` -> ``(-5.0, 0.0, 2.5)`` (argparse ``type``: a bad value is one line)."""
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return _comma_separated(text, float, "numbers")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -514,7 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json:
 
         def named(dice: Dict[Tuple[str, int], float]) -> Dict[str, float]:
-            return {f"{k[0]}:{'organ' if k[1] == 0 else 'tumor'}": d for k, d in dice.items()}
+            return {_label(k): d for k, d in dice.items()}
 
         def serialize(field: str, value: Any) -> Any:
             if field == "threshold_dice":
