@@ -21,12 +21,20 @@ def test_every_config_is_valid_json(bundle_root):
 
 
 @pytest.mark.parametrize("name", ["multi_gpu_train.json", "multi_gpu_evaluate.json", "mgpu_inference.json"])
-def test_distributed_configs_wait_for_every_rank_before_tearing_down(bundle_root, name):
-    """A rank that destroys its process group while another still saves or gathers can abort at exit (gloo)."""
-    finalize = load(bundle_root, name)["finalize"]
-    barrier = [i for i, step in enumerate(finalize) if "dist.barrier()" in step]
-    teardown = [i for i, step in enumerate(finalize) if "destroy_process_group" in step or "finalize()" in step]
-    assert barrier and teardown and barrier[0] < min(teardown), finalize
+def test_distributed_configs_start_and_end_the_group_as_scripts_distributed_says(bundle_root, name):
+    """The modules that would hold the group are imported before it starts; the end helper waits for every rank
+    and leaves no group behind to abort a rank at exit (tests/test_distributed.py); a config that trains a
+    DistributedDataParallel wrapper hands it over."""
+    from scripts.distributed import BIND_GROUP_AT_IMPORT
+
+    config = load(bundle_root, name)
+    start = [i for i, step in enumerate(config["initialize"]) if "init_process_group" in step]
+    imports = [i for i, step in enumerate(config["initialize"]) if step == "$import " + ", ".join(BIND_GROUP_AT_IMPORT)]
+    assert imports and start and imports[0] < start[0], config["initialize"]
+    (end,) = config["finalize"]
+    assert end["_target_"] == "scripts.distributed.end_process_group"
+    wraps = config.get("network", {}).get("_target_") == "torch.nn.parallel.DistributedDataParallel"
+    assert end.get("network") == ("@network" if wraps else None), end
 
 
 def test_train_and_inference_define_the_same_network(bundle_root):
