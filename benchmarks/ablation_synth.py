@@ -13,7 +13,8 @@ case for its own task):
 - ``multi_nets``: seven single-task networks, each trained on its own task's volumes for 1/7 of the
   iterations (the same total budget).
 
-The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
+DoDNet's options ``--image_to_head`` and ``--deep_supervision`` apply to every variant. The demo's recipe knobs
+(``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
 ``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and ``--post_rules
 demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo recipes over
 several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve from one
@@ -29,6 +30,9 @@ Run (2-core CPU, a few minutes per variant with the defaults)::
         --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --train_seed 1
     python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
         --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --eval_at 350,700
+    python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
+        --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --image_to_head \
+        --deep_supervision 2 --train_seed 1
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dodnet_bundle"))
 
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist  # noqa: E402
+from monai.losses import DeepSupervisionLoss  # noqa: E402
 from monai.metrics import compute_dice  # noqa: E402
 from monai.optimizers import generate_param_groups  # noqa: E402
 from monai.transforms import Compose, SpatialPadd  # noqa: E402
@@ -149,6 +154,8 @@ def _train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight, pos_weight=recipe.pos_weight or None)
+    if net.backbone.deep_supervision:  # as train.json's train#deep_supervision_loss
+        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
     if recipe.ema:
         recipe.ema_net = copy.deepcopy(net)
     net.train()
@@ -305,8 +312,12 @@ def run_ablation(
     eval_at: Sequence[int] = (),
     logit_stats: bool = False,
     thresholds: Sequence[float] = (),
+    image_to_head: bool = False,
+    deep_supervision: int = 0,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
+
+    ``image_to_head`` and ``deep_supervision`` are DoDNet's options of those names (for every variant).
 
     ``eval_at``: iterations at which the test split is also scored during training (not for ``multi_nets``),
     stored as ``"curve": {iteration: {"seconds", "organ", "tumor", "dice"}}``; ``logit_stats`` prints the mean
@@ -338,6 +349,8 @@ def run_ablation(
             head_width=head_width,
             norm_groups=norm_groups,
             controller_init="default" if variant == "cond_no" else controller_init,
+            image_to_head=image_to_head,
+            deep_supervision=deep_supervision,
         )
         seconds = 0.0
         if variant == "multi_nets":
@@ -436,6 +449,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--head_width", type=int, default=16, help="dynamic head hidden width (as the demo)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--controller_init", default="default", help="'default' or 'task_heads' (not for cond_no)")
+    parser.add_argument(
+        "--image_to_head", action="store_true", help="DoDNet's image_to_head: heads also read the image"
+    )
+    parser.add_argument(
+        "--deep_supervision", type=int, default=0, help="DoDNet's deep_supervision: decoder levels (0-3) in the loss"
+    )
     parser.add_argument("--norm_groups", type=int, default=16, help="GroupNorm groups (capped at the width; demo: 4)")
     parser.add_argument("--bce_weight", type=float, default=1.0, help="weight of the BCE term of the loss")
     parser.add_argument("--num_test_per_task", type=int, default=2, help="MOTS-synth test volumes per task")
@@ -515,6 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         eval_at=args.eval_at,
         logit_stats=args.logit_stats,
         thresholds=args.thresholds,
+        image_to_head=args.image_to_head,
+        deep_supervision=args.deep_supervision,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))

@@ -38,7 +38,9 @@ def test_distributed_configs_start_and_end_the_group_as_scripts_distributed_says
 
 
 def test_train_and_inference_define_the_same_network(bundle_root):
+    """Deep supervision is training-only (its modules load either way), the rest of the definition is shared."""
     train, infer = (load(bundle_root, name) for name in CONFIGS)
+    assert train["network_def"].pop("deep_supervision") == "@deep_supervision" and train["deep_supervision"] == 0
     assert train["network_def"] == infer["network_def"]
     assert train["num_tasks"] == infer["num_tasks"] == 7
 

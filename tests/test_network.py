@@ -333,3 +333,60 @@ def test_inference_reuses_the_standardized_kernel_until_the_weights_change():
     with torch.inference_mode():
         made_inside = DoDNet(**TINY).eval()  # inference-tensor parameters have no version counter
         assert made_inside(x).shape == (1, 14, *SHAPE)
+
+
+def test_deep_supervision_outputs_lower_levels_in_training_only():
+    """Training mode: logits at full, 1/2 and 1/4 resolution through the same generated heads; eval mode and
+    TorchScript: the plain network's output, equal to that of a network without the extra modules."""
+    net = tiny_net(deep_supervision=2).train()
+    x, task = torch.randn(2, 1, *SHAPE), torch.tensor([1, 4])
+    outputs = net(x, task)
+    assert [tuple(o.shape) for o in outputs] == [(2, 2, 32, 32, 16), (2, 2, 16, 16, 8), (2, 2, 8, 8, 4)]
+    sum(o.square().mean() for o in outputs[1:]).backward()  # only the lower levels' loss
+    for level in net.backbone.ds_precls:
+        assert level[2].weight.grad.abs().sum() > 0
+    assert net.controller.fc.weight.grad.abs().sum() > 0  # the same generated heads
+    assert net.backbone.precls_conv[2].weight.grad is None  # the full-resolution map is not on their path
+    plain = tiny_net()
+    plain.load_state_dict(net.state_dict())  # strict: the deep-supervision modules are dropped
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, task), plain(x, task))
+        torch.testing.assert_close(torch.jit.script(net)(x, task), plain(x, task))
+
+
+def test_deep_supervision_checkpoints_load_either_way(tmp_path):
+    from scripts.networks.weights import CheckpointError, load_network_weights
+
+    with_ds, without = tiny_net(deep_supervision=3), tiny_net(base_channels=4)
+    torch.save(with_ds.state_dict(), tmp_path / "ds.pt")
+    torch.save(without.state_dict(), tmp_path / "plain.pt")
+    load_network_weights(tiny_net(), tmp_path / "ds.pt")
+    own = {k: v.clone() for k, v in with_ds.backbone.ds_precls.state_dict().items()}
+    load_network_weights(with_ds, tmp_path / "plain.pt")  # keeps its own deep-supervision modules
+    for key, value in with_ds.backbone.ds_precls.state_dict().items():
+        assert torch.equal(value, own[key])
+    torch.testing.assert_close(with_ds.backbone.conv1.weight, without.backbone.conv1.weight)
+    with pytest.raises(CheckpointError, match="base_channels 4"):  # other keys stay strict
+        load_network_weights(tiny_net(base_channels=8, deep_supervision=1), tmp_path / "ds.pt")
+    with pytest.raises(ValueError, match="deep_supervision must be 0-3"):
+        DoDNet(deep_supervision=4)
+
+
+def test_image_to_head_reads_each_voxels_own_intensity():
+    """With the pre-segmentation map at zero and heads from the task alone (task_heads start), a change of one
+    voxel's intensity changes the logits of that voxel only: the image reaches the 1x1x1 heads directly."""
+    net = tiny_net(image_to_head=True, controller_init="task_heads")
+    assert net.head.in_channels == 8 + 1 and tiny_net().head.in_channels == 8
+    with torch.no_grad():
+        net.backbone.precls_conv[2].weight.zero_()
+        net.backbone.precls_conv[2].bias.zero_()
+    x = torch.randn(1, 1, *SHAPE)
+    changed = x.clone()
+    changed[0, 0, 5, 6, 7] += 3.0
+    with torch.no_grad():
+        diff = (net(changed, torch.tensor([0])) - net(x, torch.tensor([0]))).abs().amax(dim=1)[0]
+        assert diff[5, 6, 7] > 0 and float(diff.sum()) == pytest.approx(float(diff[5, 6, 7]))
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    net = tiny_net(image_to_head=True, deep_supervision=2).train()  # the lower levels read the pooled image
+    assert [tuple(o.shape) for o in net(x, torch.tensor([2]))][1:] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]

@@ -204,6 +204,27 @@ def test_one_tiny_epoch_through_bundle_run(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+def test_one_tiny_epoch_with_deep_supervision(tmp_path, tiny_data):
+    """deep_supervision 2: the trainer's loss weighs the 1/2 and 1/4 outputs too; the saved model, with its
+    deep-supervision modules, loads into the inference network (which has none)."""
+    from monai.losses import DeepSupervisionLoss
+
+    from scripts.networks.weights import load_network_weights
+
+    overrides = _overrides(tmp_path, tiny_data, deep_supervision=2)
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update(overrides)
+    assert isinstance(parser.get_parsed_content("train#trainer").loss_function, DeepSupervisionLoss)
+    result = _bundle_run(overrides)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    best = _load(tmp_path / "models" / "model.pt")
+    assert any(key.startswith("backbone.ds_precls.1.") for key in best)
+    load_network_weights(DoDNet(base_channels=4), tmp_path / "models" / "model.pt")
+
+
+@pytest.mark.slow
 def test_one_epoch_with_augmentation_on_the_device(tmp_path, tiny_data):
     """augment_on_device (the CPU as the device here): the loader only cuts patches; training and validation run."""
     result = _bundle_run(_overrides(tmp_path, tiny_data, augment_on_device=True))

@@ -29,6 +29,11 @@ class DoDNetBackbone(nn.Module):
     Module names follow the authors' checkpoint layout (``conv1``, ``layer0``...``layer4``,
     ``fusionConv``, ``x8_resb``...``x1_resb``, ``precls_conv``, ``GAP``).
 
+    Deep supervision (not in the paper; nnU-Net's): with ``deep_supervision`` = n > 0, each of the first n
+    decoder outputs below full resolution (``x2_resb`` at 1/2, ``x4_resb`` at 1/4, ``x8_resb`` at 1/8) gets its own
+    GN-ReLU-conv1x1 to a pre-segmentation map (``ds_precls``), returned by ``forward_levels`` for the training
+    loss. ``forward`` and every map it returns are the same as without them.
+
     Args:
         in_channels: image channels (1 for CT).
         base_channels: width of the first stage (32 in the paper).
@@ -36,6 +41,7 @@ class DoDNetBackbone(nn.Module):
         preseg_channels: channels of the pre-segmentation map (8 in the paper).
         norm_groups: GroupNorm groups (16 in the paper; capped at the width).
         weight_std: weight-standardized convolutions (True in the paper).
+        deep_supervision: decoder levels below full resolution with their own pre-segmentation map (0-3; 0).
 
     Forward: image (B, in_channels, H, W, D) -> (pre-segmentation map (B, preseg_channels, H, W, D),
     pooled features (B, 8 * base_channels)).
@@ -49,10 +55,13 @@ class DoDNetBackbone(nn.Module):
         preseg_channels: int = 8,
         norm_groups: int = 16,
         weight_std: bool = True,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         if len(blocks) != 5 or min(blocks) < 1:
             raise ValueError(f"blocks must list 5 stage depths >= 1, got {list(blocks)}")
+        if not 0 <= deep_supervision <= 3:
+            raise ValueError(f"deep_supervision must be 0-3 decoder levels (1/2, 1/4, 1/8), got {deep_supervision}")
         widths = [base_channels * m for m in _WIDTH_MULTIPLIERS]
         self.feature_channels = widths[4]
         self.preseg_channels = preseg_channels
@@ -83,12 +92,29 @@ class DoDNetBackbone(nn.Module):
             nn.Conv3d(widths[0], preseg_channels, kernel_size=1),
         )
         self.GAP = nn.Sequential(group_norm(widths[4], norm_groups), nn.ReLU(inplace=True), nn.AdaptiveAvgPool3d(1))
+        self.deep_supervision = deep_supervision
+        self.ds_precls = nn.ModuleList(
+            nn.Sequential(
+                group_norm(width, norm_groups),
+                nn.ReLU(inplace=True),
+                nn.Conv3d(width, preseg_channels, kernel_size=1),
+            )
+            for width in widths[:deep_supervision]  # decoder outputs at 1/2, 1/4, 1/8: widths 0, 1, 2
+        )
 
     @staticmethod
     def _up_add(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return add_into(F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False), skip)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        preseg, pooled, _ = self.forward_levels(x, deep_supervision=False)
+        return preseg, pooled
+
+    def forward_levels(
+        self, x: torch.Tensor, deep_supervision: bool = True
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """``forward``'s (pre-segmentation map, pooled features), plus the deep-supervision maps: (B, preseg_channels,
+        H / 2^l, W / 2^l, D / 2^l) for l = 1..``self.deep_supervision`` (none when ``deep_supervision`` is False)."""
         skips: List[torch.Tensor] = []
         x = self.layer0(self.conv1(x))
         skips.append(x)
@@ -100,8 +126,19 @@ class DoDNetBackbone(nn.Module):
         skips.append(x)
         x = self.fusionConv(self.layer4(x))
         pooled = self.GAP(x).flatten(1)
+        decoded: List[torch.Tensor] = []  # kept only for deep supervision: 1/8, 1/4, 1/2
         x = self.x8_resb(self._up_add(x, skips[3]))
+        if deep_supervision:
+            decoded.append(x)
         x = self.x4_resb(self._up_add(x, skips[2]))
+        if deep_supervision:
+            decoded.append(x)
         x = self.x2_resb(self._up_add(x, skips[1]))
+        if deep_supervision:
+            decoded.append(x)
         x = self.x1_resb(self._up_add(x, skips[0]))
-        return self.precls_conv(x), pooled
+        levels: List[torch.Tensor] = []
+        for i, precls in enumerate(self.ds_precls):
+            if deep_supervision:
+                levels.append(precls(decoded[len(decoded) - 1 - i]))
+        return self.precls_conv(x), pooled, levels

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DoDNetBackbone
 from .controller import CONTROLLER_INITS, TaskController
 from .dynamic_head import DynamicHead
 
-__all__ = ["DoDNet"]
+__all__ = ["DoDNet", "TRAINING_ONLY_PREFIX"]
+
+TRAINING_ONLY_PREFIX = "backbone.ds_precls."
+"""State-dict keys of the deep-supervision modules: optional in a checkpoint, whichever way it is loaded."""
 
 
 class DoDNet(nn.Module):
@@ -35,6 +39,13 @@ class DoDNet(nn.Module):
         norm_groups: GroupNorm groups (16).
         controller_init: ``"default"`` (PyTorch's initialization of the controller, as the authors') or
             ``"task_heads"`` (each task starts from its own He-scaled head, ``TaskController.init_task_heads``).
+        image_to_head: the dynamic heads also read the image itself, its channels appended to the pre-segmentation
+            map (not in the paper; False). A voxel's own intensity then reaches the 1x1x1 heads directly, which
+            lets a narrow network tell small lesions from their organ much sooner (docs/performance.md).
+        deep_supervision: decoder levels below full resolution (1/2, 1/4, 1/8: 0-3; 0) whose own pre-segmentation
+            maps go through the same generated heads in training mode, for a loss such as MONAI's
+            ``DeepSupervisionLoss``. Their modules (``backbone.ds_precls``) are training-only: a checkpoint with
+            them loads into a network without, and one without them into a network with them.
 
     Forward:
         image: (B, in_channels, H, W, D), every spatial size divisible by 16.
@@ -43,7 +54,8 @@ class DoDNet(nn.Module):
 
     Returns:
         logits (B, 2 * K, H, W, D): channel ``2k`` is the organ and ``2k + 1`` the tumor logit of
-        the k-th requested task.
+        the k-th requested task. In training mode with ``deep_supervision`` = n > 0 (eager, not TorchScript): a
+        list of n + 1 such logit maps, at full, 1/2, ... 1/2^n resolution.
     """
 
     def __init__(
@@ -59,6 +71,8 @@ class DoDNet(nn.Module):
         conditioning: str = "dodnet",
         norm_groups: int = 16,
         controller_init: str = "default",
+        image_to_head: bool = False,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -66,13 +80,30 @@ class DoDNet(nn.Module):
         self.in_channels = in_channels
         self.num_tasks = num_tasks
         self.size_divisor = 16
-        self.backbone = DoDNetBackbone(in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std)
-        self.head = DynamicHead(preseg_channels, head_width, head_depth, out_channels=2)
+        self.backbone = DoDNetBackbone(
+            in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std, deep_supervision
+        )
+        self.image_to_head = image_to_head
+        head_inputs = preseg_channels + (in_channels if image_to_head else 0)
+        self.head = DynamicHead(head_inputs, head_width, head_depth, out_channels=2)
         self.controller = TaskController(num_tasks, self.backbone.feature_channels, self.head.num_params, conditioning)
         if controller_init not in CONTROLLER_INITS:
             raise ValueError(f"controller_init must be one of {CONTROLLER_INITS}, got {controller_init!r}")
         if controller_init == "task_heads":
             self.controller.init_task_heads(self.head.param_fan_in())
+        self._register_load_state_dict_pre_hook(self._training_only_keys)
+
+    def _training_only_keys(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Deep-supervision modules are training-only: drop a checkpoint's that this network lacks, keep this
+        network's own where the checkpoint has none (loading stays strict for every other key)."""
+        key = prefix + TRAINING_ONLY_PREFIX
+        own = self.backbone.ds_precls.state_dict(prefix=key)
+        for name in [k for k in state_dict if k.startswith(key) and k not in own]:
+            del state_dict[name]
+        for name, value in own.items():
+            state_dict.setdefault(name, value)
 
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is (B, in_channels, H, W, D) with sizes divisible by 16."""
@@ -134,6 +165,24 @@ class DoDNet(nn.Module):
             image = image.as_subclass(torch.Tensor)
         self.check_image(image)
         tasks = self.task_ids(task_id, image.shape[0], image.device)
+        if not torch.jit.is_scripting() and self.training and self.backbone.deep_supervision:
+            return self._forward_deep_supervision(image, tasks)  # type: ignore[return-value]
         preseg, pooled = self.backbone(image)
         params = self.controller(pooled, tasks)
-        return self.head(preseg, params)
+        return self.head(self.head_input(preseg, image), params)
+
+    def head_input(self, preseg: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The heads' input: the pre-segmentation map (B, P, h, w, d), with ``image_to_head`` followed by the image's
+        channels average-pooled to (h, w, d) -> (B, P + in_channels, h, w, d)."""
+        if not self.image_to_head:
+            return preseg
+        if image.shape[2:] != preseg.shape[2:]:
+            image = F.adaptive_avg_pool3d(image, preseg.shape[2:])
+        return torch.cat([preseg, image.to(preseg.dtype)], dim=1)
+
+    @torch.jit.unused
+    def _forward_deep_supervision(self, image: torch.Tensor, tasks: torch.Tensor) -> List[torch.Tensor]:
+        """[logits at full resolution, at 1/2, ...]: every level through the same generated heads."""
+        preseg, pooled, levels = self.backbone.forward_levels(image)
+        params = self.controller(pooled, tasks)
+        return [self.head(self.head_input(m, image), params) for m in [preseg] + levels]

@@ -16,6 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .dodnet import TRAINING_ONLY_PREFIX
+
 __all__ = ["MissingWeightsError", "CheckpointError", "WRAPPER_KEYS", "read_state_dict", "load_network_weights"]
 
 PathLike = Union[str, os.PathLike]
@@ -106,10 +108,11 @@ def mismatch(source: str, state: Mapping[str, torch.Tensor], expected: Mapping[s
     """One line describing how a state dict differs from the network's (missing, extra, mis-shaped keys), or None.
 
     A different width of the first convolution (``backbone.conv1.weight``) is named as the ``base_channels`` the
-    checkpoint was trained with.
+    checkpoint was trained with. Deep-supervision keys (``TRAINING_ONLY_PREFIX``) may be missing or extra: DoDNet
+    loads without them.
     """
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state and not k.startswith(TRAINING_ONLY_PREFIX)]
+    extra = [k for k in state if k not in expected and not k.startswith(TRAINING_ONLY_PREFIX)]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if not (missing or extra or shapes):
         return None
