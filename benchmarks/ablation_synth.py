@@ -64,7 +64,7 @@ from scripts.data.transforms import ct_preprocessing  # noqa: E402
 from scripts.inference.postprocessing import TaskPostProcessd  # noqa: E402
 from scripts.networks import DoDNet  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
-from scripts.training.losses import PartialLabelDiceBCELoss  # noqa: E402
+from scripts.training.losses import MaxPoolDeepSupervisionLoss, PartialLabelDiceBCELoss  # noqa: E402
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
 PATCH = (64, 64, 32)
@@ -85,6 +85,8 @@ class Recipe:
         pos_weight: BCE weight of the foreground voxels (``PartialLabelDiceBCELoss``; 0: none).
         controller_lr_scale: learning rate of the controller relative to the rest of the network.
         crop: train on random crops of this (H, W, D) size (one offset per batch) instead of whole volumes.
+        ds_targets: with deep supervision, how the label reaches the lower levels: "nearest" (MONAI's
+            ``DeepSupervisionLoss``) or "max" (``MaxPoolDeepSupervisionLoss``).
     """
 
     warmup: int = 0
@@ -94,6 +96,7 @@ class Recipe:
     pos_weight: float = 0.0
     controller_lr_scale: float = 1.0
     crop: Tuple[int, ...] = ()
+    ds_targets: str = "nearest"
     ema_net: Optional[torch.nn.Module] = None
 
     @torch.no_grad()
@@ -155,7 +158,8 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight, pos_weight=recipe.pos_weight or None)
     if net.backbone.deep_supervision:  # as train.json's train#deep_supervision_loss
-        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
+        wrapper = MaxPoolDeepSupervisionLoss if recipe.ds_targets == "max" else DeepSupervisionLoss
+        loss_fn = wrapper(loss_fn, weight_mode="exp")
     if recipe.ema:
         recipe.ema_net = copy.deepcopy(net)
     net.train()
@@ -455,6 +459,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--deep_supervision", type=int, default=0, help="DoDNet's deep_supervision: decoder levels (0-3) in the loss"
     )
+    parser.add_argument(
+        "--ds_targets", choices=("nearest", "max"), default="nearest", help="lower-level labels: sampled or max-pooled"
+    )
     parser.add_argument("--norm_groups", type=int, default=16, help="GroupNorm groups (capped at the width; demo: 4)")
     parser.add_argument("--bce_weight", type=float, default=1.0, help="weight of the BCE term of the loss")
     parser.add_argument("--num_test_per_task", type=int, default=2, help="MOTS-synth test volumes per task")
@@ -527,6 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             pos_weight=args.pos_weight,
             controller_lr_scale=args.controller_lr_scale,
             crop=args.crop,
+            ds_targets=args.ds_targets,
         ),
         post_rules=post_rules,
         score_train=args.score_train,

@@ -68,6 +68,8 @@ def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> N
     demo = json.loads(DEMO_CONFIG.read_text())
     overrides = demo_inference_overrides(tmp_path / "model.pt")
     assert overrides["pixdim"] == demo["pixdim"] and overrides["patch_size"] == demo["patch_size"]
+    assert overrides["network_def#image_to_head"] is True  # the heads' size depends on it; deep supervision's not
+    assert "deep_supervision" not in overrides
     inference = json.loads((DEMO_CONFIG.parent / "inference.json").read_text())
     changed = demo_inference_overrides(tmp_path / "model.pt", demo_overrides(pixdim=[1.05, 1.05, 1.5]))
     assert changed["pixdim"] == [1.05, 1.05, 1.5] != inference["pixdim"]
@@ -100,7 +102,9 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     assert parser.get_parsed_content("optimizer#_target_") == "torch.optim.Adam"
     assert parser.get("train#augmentations") == []
     assert network.controller.fc.weight[:, : network.backbone.feature_channels].abs().max() == 0  # task_heads
-    assert parser.get_parsed_content("loss").bce_weight == 0.3
+    assert parser.get_parsed_content("loss").bce_weight == 0.3 and parser.get_parsed_content("loss").pos_weight == 20
+    assert network.image_to_head and network.backbone.deep_supervision == 2  # the two options the demo relies on
+    assert type(parser.get_parsed_content("train#trainer").loss_function).__name__ == "DeepSupervisionLoss"
     assert parser.get_parsed_content("synth_options") == {
         "num_per_task": 12,
         "num_val_per_task": 2,

@@ -116,3 +116,32 @@ def test_pos_weight_weighs_the_foreground_voxels_of_the_bce_term():
     for bad in (0.0, -3.0):
         with pytest.raises(ValueError, match="pos_weight"):
             PartialLabelDiceBCELoss(pos_weight=bad)
+
+
+def test_max_pool_deep_supervision_keeps_small_structures_and_the_unlabeled_marker():
+    """A one-voxel lesion is foreground at every lower level (MONAI's nearest sampling loses it at 1/4); a channel
+    filled with the unlabeled marker stays unlabeled; the level losses are weighted 1, 0.5, 0.25 as MONAI's."""
+    from monai.losses import DeepSupervisionLoss
+
+    from scripts.training.losses import MaxPoolDeepSupervisionLoss
+
+    target = torch.zeros(1, 2, 8, 8, 8)
+    target[0, 0, 5, 6, 1] = 1.0
+    target[0, 1] = -1.0
+    seen = []
+
+    class Recorder(PartialLabelDiceBCELoss):
+        def forward(self, input, target):
+            seen.append(target)
+            return super().forward(input, target)
+
+    levels = [torch.randn(1, 2, 8 // 2**k, 8 // 2**k, 8 // 2**k) for k in range(3)]
+    total = MaxPoolDeepSupervisionLoss(Recorder())(levels, target)
+    assert [float(t[0, 0].sum()) for t in seen] == [1.0, 1.0, 1.0] and all(bool((t[0, 1] == -1).all()) for t in seen)
+    assert seen[2][0, 0, 1, 1, 0] == 1.0  # the lesion's own cell at 1/4
+    plain = PartialLabelDiceBCELoss()
+    expected = sum(w * plain(x, t) for w, x, t in zip((1.0, 0.5, 0.25), levels, seen))
+    torch.testing.assert_close(total, expected)
+    seen.clear()
+    DeepSupervisionLoss(Recorder())(levels, target)
+    assert float(seen[2][0, 0].sum()) == 0.0  # why: nearest sampling drops it

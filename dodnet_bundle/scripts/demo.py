@@ -89,6 +89,8 @@ FLAG_IDS: Dict[str, str] = {
     "preseg_channels": "network_def#preseg_channels",
     "head_width": "network_def#head_width",
     "norm_groups": "network_def#norm_groups",
+    "image_to_head": "network_def#image_to_head",
+    "deep_supervision": "deep_supervision",
 }
 """``dodnet-demo`` flag -> the config id of train.json + demo.json it overrides."""
 
@@ -142,7 +144,7 @@ def demo_overrides(**flags: Any) -> Dict[str, Any]:
             value = _three_positive(flag, value, int if flag == "patch_size" else float)
         elif flag == "learning_rate":
             value = float(value)
-        elif flag == "weight_std":
+        elif flag in ("weight_std", "image_to_head"):
             value = bool(value)
         else:
             value = int(value)
@@ -511,6 +513,8 @@ def run_demo(
     preseg_channels: Optional[int] = None,
     head_width: Optional[int] = None,
     norm_groups: Optional[int] = None,
+    image_to_head: Optional[bool] = None,
+    deep_supervision: Optional[int] = None,
     threads: Optional[int] = None,
     seed: Optional[int] = None,
     synth_workers: Optional[int] = None,
@@ -538,6 +542,8 @@ def run_demo(
             16 lets the short run separate the tasks' heads sooner (measured on MOTS-synth).
         norm_groups: GroupNorm groups (16 in the paper at width 32, i.e. 2 channels per group at the first
             level); 4 keeps that ratio at width 8 instead of normalizing every channel on its own.
+        image_to_head: the dynamic heads also read the image (DoDNet's option; not in the paper).
+        deep_supervision: decoder levels below full resolution in the training loss (0-3; DoDNet's option).
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
         synth_workers: processes generating MOTS-synth (the volumes do not depend on it).
@@ -566,6 +572,8 @@ def run_demo(
         preseg_channels=preseg_channels,
         head_width=head_width,
         norm_groups=norm_groups,
+        image_to_head=image_to_head,
+        deep_supervision=deep_supervision,
     )
     overrides = demo_overrides(**flags)
     if threads:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scripts.utils import as_bool
 
 from .backbone import DoDNetBackbone
 from .controller import CONTROLLER_INITS, TaskController
@@ -71,7 +73,7 @@ class DoDNet(nn.Module):
         conditioning: str = "dodnet",
         norm_groups: int = 16,
         controller_init: str = "default",
-        image_to_head: bool = False,
+        image_to_head: Union[bool, str] = False,
         deep_supervision: int = 0,
     ) -> None:
         super().__init__()
@@ -83,7 +85,7 @@ class DoDNet(nn.Module):
         self.backbone = DoDNetBackbone(
             in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std, deep_supervision
         )
-        self.image_to_head = image_to_head
+        self.image_to_head = as_bool(image_to_head)  # "true"/"false" from the command line too
         head_inputs = preseg_channels + (in_channels if image_to_head else 0)
         self.head = DynamicHead(head_inputs, head_width, head_depth, out_channels=2)
         self.controller = TaskController(num_tasks, self.backbone.feature_channels, self.head.num_params, conditioning)

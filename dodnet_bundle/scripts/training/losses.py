@@ -1,4 +1,5 @@
-"""DoDNet's loss for partially labeled data: sigmoid Dice + BCE on the labeled channels only."""
+"""DoDNet's loss for partially labeled data: sigmoid Dice + BCE on the labeled channels only, and its deep-supervision
+wrapper."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DeepSupervisionLoss, DiceLoss
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PartialLabelDiceBCELoss"]
+__all__ = ["PartialLabelDiceBCELoss", "MaxPoolDeepSupervisionLoss"]
 
 
 class PartialLabelDiceBCELoss(_Loss):
@@ -99,3 +100,27 @@ class PartialLabelDiceBCELoss(_Loss):
             bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pos_weight)
             losses.append(self.dice_weight * dice + self.bce_weight * bce)
         return torch.stack(losses).mean()
+
+
+class MaxPoolDeepSupervisionLoss(DeepSupervisionLoss):
+    """MONAI's ``DeepSupervisionLoss`` with each lower-resolution target max-pooled to its output's grid.
+
+    MONAI samples the target with nearest-neighbour interpolation, which drops structures smaller than the
+    sampling step (a lesion of a few voxels is absent at 1/4 resolution, and that level then teaches its head
+    that there is none). Max pooling keeps every labeled structure at every level (a voxel is foreground when any
+    voxel it covers is), and a channel filled with the unlabeled marker stays unlabeled.
+
+    Args:
+        loss: the loss of one level, e.g. ``PartialLabelDiceBCELoss``.
+        weight_mode, weights: as ``DeepSupervisionLoss`` ("exp": 1, 0.5, 0.25, ...).
+
+    Forward:
+        input: logits (B, C, H, W, D), or a list of them at full, 1/2, 1/4... resolution.
+        target: (B, C, H, W, D) at full resolution.
+    """
+
+    def get_loss(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.shape[2:] != target.shape[2:]:
+            pool = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[input.dim() - 3]
+            target = pool(target.float(), tuple(input.shape[2:]))
+        return self.loss(input, target)  # type: ignore[no-any-return]
