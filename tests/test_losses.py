@@ -145,3 +145,20 @@ def test_max_pool_deep_supervision_keeps_small_structures_and_the_unlabeled_mark
     seen.clear()
     DeepSupervisionLoss(Recorder())(levels, target)
     assert float(seen[2][0, 0].sum()) == 0.0  # why: nearest sampling drops it
+
+
+def test_meta_tensor_target_gives_the_same_plain_loss_and_gradient():
+    """MONAI's loaders deliver MetaTensor targets; the loss computes on plain tensors (no metadata through each
+    step) with the same value and gradient."""
+    from monai.data import MetaTensor
+
+    logits, target = _batch(seed=3)
+    plain_in = logits.clone().requires_grad_()
+    meta_in = logits.clone().requires_grad_()
+    expected = PartialLabelDiceBCELoss()(plain_in, target)
+    loss = PartialLabelDiceBCELoss()(meta_in, MetaTensor(target, meta={"filename_or_obj": "case.nii.gz"}))
+    assert type(loss) is torch.Tensor
+    torch.testing.assert_close(loss, expected)
+    expected.backward()
+    loss.backward()
+    torch.testing.assert_close(meta_in.grad, plain_in.grad)

@@ -80,6 +80,8 @@ class PartialLabelDiceBCELoss(_Loss):
             raise ValueError(f"logits {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape")
         if input.dim() < 3:
             raise ValueError(f"expected (B, C, spatial...) tensors, got shape {tuple(input.shape)}")
+        # MONAI's MetaTensor targets would carry their metadata through every step of the loss (and its backward)
+        input, target = input.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
         labeled = self.labeled_mask(target)
         if not bool(labeled.any()):
             raise ValueError(
