@@ -75,7 +75,17 @@ def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> N
     assert changed["pixdim"] == [1.05, 1.05, 1.5] != inference["pixdim"]
 
 
-@pytest.mark.parametrize("flag, value", [("pixdim", "1.0"), ("pixdim", "[0.8, 0.8]"), ("patch_size", "[64, 0, 32]")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("pixdim", "1.0"),
+        ("pixdim", "[0.8, 0.8]"),
+        ("patch_size", "[64, 0, 32]"),
+        ("image_to_head", "maybe"),
+        ("deep_supervision", "5"),
+        ("epochs", "many"),
+    ],
+)
 def test_bad_vector_flag_is_one_line_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str
 ) -> None:
@@ -104,7 +114,7 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     assert network.controller.fc.weight[:, : network.backbone.feature_channels].abs().max() == 0  # task_heads
     assert parser.get_parsed_content("loss").bce_weight == 0.3 and parser.get_parsed_content("loss").pos_weight == 20
     assert network.image_to_head and network.backbone.deep_supervision == 2  # the two options the demo relies on
-    assert type(parser.get_parsed_content("train#trainer").loss_function).__name__ == "DeepSupervisionLoss"
+    assert type(parser.get_parsed_content("train#trainer#loss_function")).__name__ == "DeepSupervisionLoss"
     assert parser.get_parsed_content("synth_options") == {
         "num_per_task": 12,
         "num_val_per_task": 2,
@@ -121,6 +131,11 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     assert changed["learning_rate"] == 0.01 and changed["steps_per_epoch"] == 7
     with pytest.raises(TypeError, match="unknown demo settings"):
         demo_overrides(width=4)
+    # fire passes "--image_to_head false" as a string: it must switch the option off, not on
+    assert demo_overrides(image_to_head="false", weight_std="False") == {
+        "network_def#image_to_head": False,
+        "network_def#weight_std": False,
+    }
 
 
 def test_demo_post_rules_replace_the_published_tumor_cut_off() -> None:

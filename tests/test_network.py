@@ -390,3 +390,8 @@ def test_image_to_head_reads_each_voxels_own_intensity():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
     net = tiny_net(image_to_head=True, deep_supervision=2).train()  # the lower levels read the pooled image
     assert [tuple(o.shape) for o in net(x, torch.tensor([2]))][1:] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
+
+
+def test_image_to_head_given_as_a_string_sizes_the_heads_by_its_meaning():
+    assert tiny_net(image_to_head="false").head.in_channels == 8
+    assert tiny_net(image_to_head="true").head.in_channels == 9

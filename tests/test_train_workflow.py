@@ -215,7 +215,7 @@ def test_one_tiny_epoch_with_deep_supervision(tmp_path, tiny_data):
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     parser.update(overrides)
-    assert isinstance(parser.get_parsed_content("train#trainer").loss_function, DeepSupervisionLoss)
+    assert isinstance(parser.get_parsed_content("train#trainer#loss_function"), DeepSupervisionLoss)
     result = _bundle_run(overrides)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

@@ -48,7 +48,7 @@ from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
 from scripts.inference.postprocessing import TaskPostProcessd
 from scripts.networks.acceleration import cpu_name
 from scripts.tasks import TASKS, resolve_task
-from scripts.utils import BUNDLE_ROOT, write_json_atomic
+from scripts.utils import BUNDLE_ROOT, as_bool, write_json_atomic
 
 __all__ = [
     "DEMO_CONFIG",
@@ -145,9 +145,17 @@ def demo_overrides(**flags: Any) -> Dict[str, Any]:
         elif flag == "learning_rate":
             value = float(value)
         elif flag in ("weight_std", "image_to_head"):
-            value = bool(value)
+            try:
+                value = as_bool(value)  # fire passes --image_to_head false as the string "false"
+            except ValueError:
+                raise DemoFlagError(f"--{flag} {value!r}: expected true or false") from None
         else:
-            value = int(value)
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise DemoFlagError(f"--{flag} {value!r}: expected an integer") from None
+            if flag == "deep_supervision" and not 0 <= value <= 3:
+                raise DemoFlagError(f"--deep_supervision {value}: expected 0-3 decoder levels (1/2, 1/4, 1/8)")
         out[FLAG_IDS[flag]] = value
     return out
 

@@ -137,8 +137,8 @@ class DoDNetBackbone(nn.Module):
         if deep_supervision:
             decoded.append(x)
         x = self.x1_resb(self._up_add(x, skips[0]))
-        levels: List[torch.Tensor] = []
-        for i, precls in enumerate(self.ds_precls):
-            if deep_supervision:
+        levels: List[torch.Tensor] = []  # 1/2, 1/4, 1/8: the decoded maps in reverse
+        if deep_supervision:
+            for i, precls in enumerate(self.ds_precls):
                 levels.append(precls(decoded[len(decoded) - 1 - i]))
         return self.precls_conv(x), pooled, levels

@@ -86,7 +86,7 @@ class DoDNet(nn.Module):
             in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std, deep_supervision
         )
         self.image_to_head = as_bool(image_to_head)  # "true"/"false" from the command line too
-        head_inputs = preseg_channels + (in_channels if image_to_head else 0)
+        head_inputs = preseg_channels + (in_channels if self.image_to_head else 0)
         self.head = DynamicHead(head_inputs, head_width, head_depth, out_channels=2)
         self.controller = TaskController(num_tasks, self.backbone.feature_channels, self.head.num_params, conditioning)
         if controller_init not in CONTROLLER_INITS:
