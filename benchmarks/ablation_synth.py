@@ -13,8 +13,8 @@ case for its own task):
 - ``multi_nets``: seven single-task networks, each trained on its own task's volumes for 1/7 of the
   iterations (the same total budget).
 
-DoDNet's options ``--image_to_head`` and ``--deep_supervision`` apply to every variant. The demo's recipe knobs
-(``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
+DoDNet's options ``--image_to_head``, ``--contrast_to_head`` and ``--deep_supervision`` apply to every variant.
+The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
 ``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and ``--post_rules
 demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo recipes over
 several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve from one
@@ -33,6 +33,9 @@ Run (2-core CPU, a few minutes per variant with the defaults)::
     python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
         --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --image_to_head \
         --deep_supervision 2 --train_seed 1
+    python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
+        --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --image_to_head \
+        --contrast_to_head 3,7 --deep_supervision 2 --pos_weight 20 --train_seed 1
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from scripts.data.label_mapping import MapTaskLabelsd  # noqa: E402
 from scripts.data.synth import ensure_mots_synth  # noqa: E402
 from scripts.data.transforms import ct_preprocessing  # noqa: E402
 from scripts.inference.postprocessing import TaskPostProcessd  # noqa: E402
-from scripts.networks import DoDNet  # noqa: E402
+from scripts.networks import DoDNet, contrast_kernels  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
 from scripts.training.losses import MaxPoolDeepSupervisionLoss, PartialLabelDiceBCELoss  # noqa: E402
 
@@ -317,11 +320,13 @@ def run_ablation(
     logit_stats: bool = False,
     thresholds: Sequence[float] = (),
     image_to_head: bool = False,
+    contrast_to_head: Sequence[int] = (),
     deep_supervision: int = 0,
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
 
-    ``image_to_head`` and ``deep_supervision`` are DoDNet's options of those names (for every variant).
+    ``image_to_head``, ``contrast_to_head`` and ``deep_supervision`` are DoDNet's options of those names (for every
+    variant).
 
     ``eval_at``: iterations at which the test split is also scored during training (not for ``multi_nets``),
     stored as ``"curve": {iteration: {"seconds", "organ", "tumor", "dice"}}``; ``logit_stats`` prints the mean
@@ -354,6 +359,7 @@ def run_ablation(
             norm_groups=norm_groups,
             controller_init="default" if variant == "cond_no" else controller_init,
             image_to_head=image_to_head,
+            contrast_to_head=list(contrast_to_head),
             deep_supervision=deep_supervision,
         )
         seconds = 0.0
@@ -457,6 +463,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--image_to_head", action="store_true", help="DoDNet's image_to_head: heads also read the image"
     )
     parser.add_argument(
+        "--contrast_to_head",
+        type=contrast_kernels,
+        default=[],
+        help="DoDNet's contrast_to_head: box sizes of local-contrast channels the heads read (e.g. 3,7)",
+    )
+    parser.add_argument(
         "--deep_supervision", type=int, default=0, help="DoDNet's deep_supervision: decoder levels (0-3) in the loss"
     )
     parser.add_argument(
@@ -543,6 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logit_stats=args.logit_stats,
         thresholds=args.thresholds,
         image_to_head=args.image_to_head,
+        contrast_to_head=args.contrast_to_head,
         deep_supervision=args.deep_supervision,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")

@@ -69,6 +69,7 @@ def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> N
     overrides = demo_inference_overrides(tmp_path / "model.pt")
     assert overrides["pixdim"] == demo["pixdim"] and overrides["patch_size"] == demo["patch_size"]
     assert overrides["network_def#image_to_head"] is True  # the heads' size depends on it; deep supervision's not
+    assert overrides["network_def#contrast_to_head"] == demo["network_def#contrast_to_head"] != []
     assert "deep_supervision" not in overrides
     inference = json.loads((DEMO_CONFIG.parent / "inference.json").read_text())
     changed = demo_inference_overrides(tmp_path / "model.pt", demo_overrides(pixdim=[1.05, 1.05, 1.5]))
@@ -82,6 +83,8 @@ def test_demo_inference_runs_at_the_demo_spacing_and_window(tmp_path: Path) -> N
         ("pixdim", "[0.8, 0.8]"),
         ("patch_size", "[64, 0, 32]"),
         ("image_to_head", "maybe"),
+        ("contrast_to_head", "4"),
+        ("contrast_to_head", "3,x"),
         ("deep_supervision", "5"),
         ("epochs", "many"),
     ],

@@ -10,7 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.networks import DoDNet, DynamicHead, TaskController, WSConv3d, standardize_weight
+from scripts.networks import (
+    DoDNet,
+    DynamicHead,
+    TaskController,
+    WSConv3d,
+    contrast_kernels,
+    local_contrast,
+    standardize_weight,
+)
 
 TINY = dict(base_channels=4, blocks=(1, 1, 1, 1, 1))
 SHAPE = (32, 32, 16)
@@ -395,3 +403,53 @@ def test_image_to_head_reads_each_voxels_own_intensity():
 def test_image_to_head_given_as_a_string_sizes_the_heads_by_its_meaning():
     assert tiny_net(image_to_head="false").head.in_channels == 8
     assert tiny_net(image_to_head="true").head.in_channels == 9
+
+
+def test_local_contrast_is_the_voxel_minus_the_mean_of_its_box_inside_the_image():
+    """Three 1-D box sums equal the k x k x k box mean with the outside of the image left out of the count, also
+    on an axis shorter than the box."""
+    x = torch.randn(2, 1, 9, 8, 7, dtype=torch.float64)
+    for kernel in (3, 5):
+        box = F.avg_pool3d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        torch.testing.assert_close(local_contrast(x, kernel), x - box)
+    short = torch.randn(1, 1, 8, 8, 4, dtype=torch.float64)
+    means = torch.stack(
+        [
+            short[0, 0, max(0, i - 3) : i + 4, max(0, j - 3) : j + 4, max(0, k - 3) : k + 4].mean()
+            for i in range(8)
+            for j in range(8)
+            for k in range(4)
+        ]
+    ).reshape(8, 8, 4)
+    torch.testing.assert_close(local_contrast(short, 7)[0, 0], short[0, 0] - means)
+    flat = torch.full((1, 1, 8, 8, 8), 0.7)
+    assert float(local_contrast(flat, 7).abs().max()) < 1e-6  # a uniform region has no contrast, edges included
+
+
+def test_contrast_to_head_gives_the_heads_a_voxels_contrast_to_its_surroundings():
+    """With the pre-segmentation map at zero, a brighter voxel changes the logits inside its 3x3x3 box only
+    (its own contrast and its neighbours' box means), and the network scripts with the option."""
+    net = tiny_net(contrast_to_head=[3], controller_init="task_heads")
+    assert net.head.in_channels == 8 + 1 and tiny_net(image_to_head=True, contrast_to_head="3,7").head.in_channels == 11
+    with torch.no_grad():
+        net.backbone.precls_conv[2].weight.zero_()
+        net.backbone.precls_conv[2].bias.zero_()
+    x = torch.zeros(1, 1, *SHAPE)
+    changed = x.clone()
+    changed[0, 0, 5, 6, 7] = 3.0
+    with torch.no_grad():
+        diff = (net(changed, torch.tensor([0])) - net(x, torch.tensor([0]))).abs().amax(dim=1)[0]
+        box = torch.zeros_like(diff, dtype=torch.bool)
+        box[4:7, 5:8, 6:9] = True
+        assert diff[5, 6, 7] > 0 and float(diff[~box].abs().max()) == 0.0
+        y = torch.randn(1, 1, *SHAPE)
+        torch.testing.assert_close(torch.jit.script(net)(y), net(y))
+    net = tiny_net(contrast_to_head=[3, 5], deep_supervision=2).train()  # lower levels: contrast of the pooled image
+    assert [tuple(o.shape) for o in net(x, torch.tensor([2]))][1:] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
+
+
+@pytest.mark.parametrize("value", [[2], [1], "3,x", [3.5], "4"])
+def test_contrast_to_head_refuses_a_box_size_that_is_not_odd_and_at_least_3(value):
+    with pytest.raises(ValueError, match="contrast_to_head must list odd box sizes >= 3"):
+        DoDNet(contrast_to_head=value)
+    assert contrast_kernels("[3, 7]") == contrast_kernels((3, 7)) == [3, 7] and contrast_kernels("[]") == []

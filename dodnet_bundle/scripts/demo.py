@@ -47,6 +47,7 @@ import numpy as np
 from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
 from scripts.inference.postprocessing import TaskPostProcessd
 from scripts.networks.acceleration import cpu_name
+from scripts.networks.dodnet import contrast_kernels
 from scripts.tasks import TASKS, resolve_task
 from scripts.utils import BUNDLE_ROOT, as_bool, write_json_atomic
 
@@ -90,6 +91,7 @@ FLAG_IDS: Dict[str, str] = {
     "head_width": "network_def#head_width",
     "norm_groups": "network_def#norm_groups",
     "image_to_head": "network_def#image_to_head",
+    "contrast_to_head": "network_def#contrast_to_head",
     "deep_supervision": "deep_supervision",
 }
 """``dodnet-demo`` flag -> the config id of train.json + demo.json it overrides."""
@@ -144,6 +146,11 @@ def demo_overrides(**flags: Any) -> Dict[str, Any]:
             value = _three_positive(flag, value, int if flag == "patch_size" else float)
         elif flag == "learning_rate":
             value = float(value)
+        elif flag == "contrast_to_head":
+            try:
+                value = contrast_kernels(value)  # fire passes "--contrast_to_head 3,7" as a tuple, "[]" as a list
+            except ValueError:
+                raise DemoFlagError(f"--contrast_to_head {value!r}: expected odd box sizes >= 3, e.g. 3,7") from None
         elif flag in ("weight_std", "image_to_head"):
             try:
                 value = as_bool(value)  # fire passes --image_to_head false as the string "false"
@@ -522,6 +529,7 @@ def run_demo(
     head_width: Optional[int] = None,
     norm_groups: Optional[int] = None,
     image_to_head: Optional[bool] = None,
+    contrast_to_head: Optional[Sequence[int]] = None,
     deep_supervision: Optional[int] = None,
     threads: Optional[int] = None,
     seed: Optional[int] = None,
@@ -551,6 +559,8 @@ def run_demo(
         norm_groups: GroupNorm groups (16 in the paper at width 32, i.e. 2 channels per group at the first
             level); 4 keeps that ratio at width 8 instead of normalizing every channel on its own.
         image_to_head: the dynamic heads also read the image (DoDNet's option; not in the paper).
+        contrast_to_head: box sizes of the image's local-contrast channels the dynamic heads also read (DoDNet's
+            option; not in the paper; demo.json: 3 and 7 voxels).
         deep_supervision: decoder levels below full resolution in the training loss (0-3; DoDNet's option).
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
@@ -581,6 +591,7 @@ def run_demo(
         head_width=head_width,
         norm_groups=norm_groups,
         image_to_head=image_to_head,
+        contrast_to_head=contrast_to_head,
         deep_supervision=deep_supervision,
     )
     overrides = demo_overrides(**flags)

@@ -3,7 +3,7 @@
 from .backbone import DoDNetBackbone
 from .blocks import PreActResBlock
 from .controller import CONDITIONING_MODES, CONTROLLER_INITS, TaskController
-from .dodnet import DoDNet
+from .dodnet import DoDNet, contrast_kernels, local_contrast
 from .dynamic_head import DynamicHead
 from .segmenter import DoDNetSegmenter
 from .ws_conv import WSConv3d, standardize_weight
@@ -18,5 +18,7 @@ __all__ = [
     "PreActResBlock",
     "TaskController",
     "WSConv3d",
+    "contrast_kernels",
+    "local_contrast",
     "standardize_weight",
 ]

@@ -14,10 +14,54 @@ from .backbone import DoDNetBackbone
 from .controller import CONTROLLER_INITS, TaskController
 from .dynamic_head import DynamicHead
 
-__all__ = ["DoDNet", "TRAINING_ONLY_PREFIX"]
+__all__ = ["DoDNet", "TRAINING_ONLY_PREFIX", "contrast_kernels", "local_contrast"]
 
 TRAINING_ONLY_PREFIX = "backbone.ds_precls."
 """State-dict keys of the deep-supervision modules: optional in a checkpoint, whichever way it is loaded."""
+
+
+def contrast_kernels(value: Union[Sequence[int], int, str, None]) -> List[int]:
+    """``contrast_to_head`` as a list of odd box sizes >= 3 (a list, one int, or "[3, 7]" / "3,7" from a command
+    line; None, "" or "[]": none). Raises ``ValueError`` naming the value otherwise."""
+    if value is None:
+        return []
+    items = value
+    if isinstance(value, str):
+        items = [v for v in value.strip().strip("[]()").replace(",", " ").split()]
+    elif isinstance(value, int):
+        items = [value]
+    kernels: List[int] = []
+    for item in items:
+        try:
+            kernel = int(item)
+        except (TypeError, ValueError):
+            kernel = -1
+        if kernel < 3 or kernel % 2 == 0 or kernel != float(item):
+            raise ValueError(f"contrast_to_head must list odd box sizes >= 3, got {value!r}")
+        kernels.append(kernel)
+    return kernels
+
+
+def local_contrast(image: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(B, C, H, W, D) -> (B, C, H, W, D): each voxel minus the mean of the ``kernel`` x ``kernel`` x ``kernel``
+    box around it, counting only the part of the box inside the image (any image size, even one smaller than
+    the box); computed as three 1-D box sums over the zero-padded image."""
+    pad = kernel // 2
+    mean = image
+    for axis in range(3):
+        size = image.shape[2 + axis]
+        window = [1, 1, 1]
+        window[axis] = kernel
+        padding = [0, 0, 0, 0, 0, 0]  # F.pad lists the last axis first
+        padding[4 - 2 * axis] = pad
+        padding[5 - 2 * axis] = pad
+        sums = F.avg_pool3d(F.pad(mean, padding), window, stride=1) * kernel
+        index = torch.arange(size, device=image.device)
+        inside = (index + pad).clamp(max=size - 1) - (index - pad).clamp(min=0) + 1
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = size
+        mean = sums / inside.view(shape).to(sums.dtype)
+    return image - mean
 
 
 class DoDNet(nn.Module):
@@ -44,6 +88,11 @@ class DoDNet(nn.Module):
         image_to_head: the dynamic heads also read the image itself, its channels appended to the pre-segmentation
             map (not in the paper; False). A voxel's own intensity then reaches the 1x1x1 heads directly, which
             lets a narrow network tell small lesions from their organ much sooner (docs/performance.md).
+        contrast_to_head: box sizes k (odd, >= 3) of local-contrast channels the dynamic heads also read: for each k
+            the image minus its mean over the k x k x k voxels around each voxel (``local_contrast``), per image
+            channel and at each head's resolution (not in the paper; none). A 1x1x1 head then sees how much
+            darker or brighter a voxel is than its surroundings: the cue of a small lesion in its organ
+            (docs/performance.md).
         deep_supervision: decoder levels below full resolution (1/2, 1/4, 1/8: 0-3; 0) whose own pre-segmentation
             maps go through the same generated heads in training mode, for a loss such as MONAI's
             ``DeepSupervisionLoss``. Their modules (``backbone.ds_precls``) are training-only: a checkpoint with
@@ -74,6 +123,7 @@ class DoDNet(nn.Module):
         norm_groups: int = 16,
         controller_init: str = "default",
         image_to_head: Union[bool, str] = False,
+        contrast_to_head: Sequence[int] = (),
         deep_supervision: int = 0,
     ) -> None:
         super().__init__()
@@ -86,7 +136,10 @@ class DoDNet(nn.Module):
             in_channels, base_channels, blocks, preseg_channels, norm_groups, weight_std, deep_supervision
         )
         self.image_to_head = as_bool(image_to_head)  # "true"/"false" from the command line too
-        head_inputs = preseg_channels + (in_channels if self.image_to_head else 0)
+        # a tuple: TorchScript cannot type an empty list attribute, and unrolls the loop over a tuple
+        self.contrast_to_head = tuple(contrast_kernels(contrast_to_head))
+        image_channels = int(self.image_to_head) + len(self.contrast_to_head)
+        head_inputs = preseg_channels + in_channels * image_channels
         self.head = DynamicHead(head_inputs, head_width, head_depth, out_channels=2)
         self.controller = TaskController(num_tasks, self.backbone.feature_channels, self.head.num_params, conditioning)
         if controller_init not in CONTROLLER_INITS:
@@ -174,13 +227,18 @@ class DoDNet(nn.Module):
         return self.head(self.head_input(preseg, image), params)
 
     def head_input(self, preseg: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """The heads' input: the pre-segmentation map (B, P, h, w, d), with ``image_to_head`` followed by the image's
-        channels average-pooled to (h, w, d) -> (B, P + in_channels, h, w, d)."""
-        if not self.image_to_head:
+        """The heads' input: the pre-segmentation map (B, P, h, w, d), followed by the image average-pooled to
+        (h, w, d) with ``image_to_head`` and by its local contrast for each ``contrast_to_head`` box size
+        -> (B, P + in_channels * (image_to_head + len(contrast_to_head)), h, w, d)."""
+        if not self.image_to_head and len(self.contrast_to_head) == 0:
             return preseg
         if image.shape[2:] != preseg.shape[2:]:
             image = F.adaptive_avg_pool3d(image, preseg.shape[2:])
-        return torch.cat([preseg, image.to(preseg.dtype)], dim=1)
+        image = image.to(preseg.dtype)
+        inputs = [preseg, image] if self.image_to_head else [preseg]
+        for kernel in self.contrast_to_head:
+            inputs.append(local_contrast(image, kernel))
+        return torch.cat(inputs, dim=1)
 
     @torch.jit.unused
     def _forward_deep_supervision(self, image: torch.Tensor, tasks: torch.Tensor) -> List[torch.Tensor]:
