@@ -448,6 +448,18 @@ def test_contrast_to_head_gives_the_heads_a_voxels_contrast_to_its_surroundings(
     assert [tuple(o.shape) for o in net(x, torch.tensor([2]))][1:] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
 
 
+def test_contrast_for_bf16_heads_is_computed_in_float32():
+    """Under bf16 autocast the pre-segmentation map is bf16; the contrast is summed in float32 and only then cast
+    (bf16 box sums of a CT window lose a small lesion's contrast)."""
+    net = tiny_net(contrast_to_head=[7])
+    image = 0.9 + 0.01 * torch.randn(1, 1, 16, 16, 8)
+    preseg = torch.zeros(1, 8, 16, 16, 8, dtype=torch.bfloat16)
+    contrast = net.head_input(preseg, image)[:, 8:]
+    assert contrast.dtype == torch.bfloat16
+    torch.testing.assert_close(contrast, local_contrast(image, 7).to(torch.bfloat16))
+    assert float((contrast.float() - local_contrast(image.bfloat16(), 7).float()).abs().max()) > 0.001
+
+
 @pytest.mark.parametrize("value", [[2], [1], "3,x", [3.5], "4"])
 def test_contrast_to_head_refuses_a_box_size_that_is_not_odd_and_at_least_3(value):
     with pytest.raises(ValueError, match="contrast_to_head must list odd box sizes >= 3"):

@@ -45,22 +45,22 @@ def contrast_kernels(value: Union[Sequence[int], int, str, None]) -> List[int]:
 def local_contrast(image: torch.Tensor, kernel: int) -> torch.Tensor:
     """(B, C, H, W, D) -> (B, C, H, W, D): each voxel minus the mean of the ``kernel`` x ``kernel`` x ``kernel``
     box around it, counting only the part of the box inside the image (any image size, even one smaller than
-    the box); computed as three 1-D box sums over the zero-padded image."""
+    the box); three 1-D box sums, each the difference of two entries of a cumulative sum (cost independent of
+    ``kernel``)."""
     pad = kernel // 2
     mean = image
     for axis in range(3):
-        size = image.shape[2 + axis]
-        window = [1, 1, 1]
-        window[axis] = kernel
-        padding = [0, 0, 0, 0, 0, 0]  # F.pad lists the last axis first
-        padding[4 - 2 * axis] = pad
-        padding[5 - 2 * axis] = pad
-        sums = F.avg_pool3d(F.pad(mean, padding), window, stride=1) * kernel
+        dim = 2 + axis
+        size = image.shape[dim]
+        # the cumulative sum with a leading 0 along dim (F.pad lists the last axis first)
+        cumulative = F.pad(mean.cumsum(dim), [0] * (4 - 2 * axis) + [1, 0] + [0] * (2 * axis))
         index = torch.arange(size, device=image.device)
-        inside = (index + pad).clamp(max=size - 1) - (index - pad).clamp(min=0) + 1
+        upper = (index + pad + 1).clamp(max=size)
+        lower = (index - pad).clamp(min=0)
+        sums = cumulative.index_select(dim, upper) - cumulative.index_select(dim, lower)
         shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = size
-        mean = sums / inside.view(shape).to(sums.dtype)
+        shape[dim] = size
+        mean = sums / (upper - lower).view(shape).to(sums.dtype)
     return image - mean
 
 
@@ -234,10 +234,9 @@ class DoDNet(nn.Module):
             return preseg
         if image.shape[2:] != preseg.shape[2:]:
             image = F.adaptive_avg_pool3d(image, preseg.shape[2:])
-        image = image.to(preseg.dtype)
-        inputs = [preseg, image] if self.image_to_head else [preseg]
-        for kernel in self.contrast_to_head:
-            inputs.append(local_contrast(image, kernel))
+        inputs = [preseg, image.to(preseg.dtype)] if self.image_to_head else [preseg]
+        for kernel in self.contrast_to_head:  # in float32: sums of a bf16 image would lose the contrast
+            inputs.append(local_contrast(image.float(), kernel).to(preseg.dtype))
         return torch.cat(inputs, dim=1)
 
     @torch.jit.unused
