@@ -29,7 +29,13 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "dodnet_bundle"
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from scripts.demo import _network_overrides, _workflow, score_structure_masks  # noqa: E402
+from scripts.demo import (  # noqa: E402
+    FLAG_IDS,
+    _workflow,
+    demo_inference_overrides,
+    demo_overrides,
+    score_structure_masks,
+)
 from scripts.tasks import TASKS  # noqa: E402
 
 PATHS: Dict[str, Tuple[str, bool, bool]] = {
@@ -49,18 +55,11 @@ def run_path(
 ) -> Dict:
     """Infer every test case with one path; returns ``{"seconds", "dice": {task: {structure: [per case]}}}``."""
     precision, channels_last, compile_head = PATHS[path]
+    run_flags = demo_overrides(**{flag: value for flag, value in settings.items() if flag in FLAG_IDS})
     overrides = {
-        **_network_overrides(
-            settings["base_channels"],
-            settings["patch_size"],
-            settings["weight_std"],
-            settings["preseg_channels"],
-            settings["head_width"],
-            settings.get("norm_groups", 16),
-        ),
+        **demo_inference_overrides(demo_dir / "models" / "model.pt", run_flags),  # the run's network and post_rules
         "input": [str(root / item["image"]) for item in items],
         "output_dir": str(out_dir),
-        "ckpt_path": str(demo_dir / "models" / "model.pt"),
         "precision": precision,
         "channels_last": channels_last,
         "compile_head": compile_head,
