@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -193,3 +194,11 @@ def test_tiny_demo_run_is_quiet_and_logs_to_a_file(tmp_path: Path, capsys: pytes
     assert set(result["times_s"]) == {"generate", "train", "evaluate", "infer", "total"}
     assert result["log"] == "demo.log" and 0.0 <= result["tumor_mean_dice"] <= 1.0
     assert result["held_out"]["dice"].keys() == {"liver", "liver tumor"}
+
+    # benchmarks/lesion_report.py rebuilds the run's network from its settings and loads its weights (strict)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from lesion_report import lesion_report
+
+    rows = lesion_report(tmp_path / "demo", ["liver"])
+    assert [row["case"] for row in rows] == ["liver_test_000.nii.gz"] and 0.0 <= rows[0]["dice"] <= 1.0
+    assert rows[0]["lesions"] and all(lesion["voxels"] > 0 for lesion in rows[0]["lesions"])
