@@ -14,11 +14,11 @@ case for its own task):
   iterations (the same total budget).
 
 DoDNet's options ``--image_to_head``, ``--contrast_to_head`` and ``--deep_supervision`` apply to every variant.
-The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--warmup``,
-``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and ``--post_rules
-demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo recipes over
-several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve from one
-run) and ``--logit_stats`` adds each structure's mean logit on its foreground and background voxels there;
+The demo's recipe knobs (``--controller_init``, ``--lr``, ``--bce_weight``, ``--pos_weight``, ``--loss_average``,
+``--warmup``, ``--clip``, ``--beta2``, ``--ema``, ``--controller_lr_scale``, ``--crop``, ``--train_seed``) and
+``--post_rules demo`` (score after demo.json's post-processing as well as raw) make it the loop for comparing demo
+recipes over several seeds at a fixed budget; ``--eval_at`` scores the test split during training (a learning curve
+from one run) and ``--logit_stats`` adds each structure's mean logit on its foreground and background voxels there;
 ``--thresholds`` scores the trained network at other logit thresholds than 0 (is a structure ranked above its
 background but not yet above 0, or not separated from it?).
 
@@ -67,7 +67,7 @@ from scripts.data.transforms import ct_preprocessing  # noqa: E402
 from scripts.inference.postprocessing import TaskPostProcessd  # noqa: E402
 from scripts.networks import DoDNet, contrast_kernels  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
-from scripts.training.losses import MaxPoolDeepSupervisionLoss, PartialLabelDiceBCELoss  # noqa: E402
+from scripts.training.losses import AVERAGES, MaxPoolDeepSupervisionLoss, PartialLabelDiceBCELoss  # noqa: E402
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
 PATCH = (64, 64, 32)
@@ -86,6 +86,7 @@ class Recipe:
         ema: decay of an exponential moving average of the weights that is scored instead of the
             trained weights (0: none); the decay ramps up as ``min(ema, (1 + step) / (10 + step))``.
         pos_weight: BCE weight of the foreground voxels (``PartialLabelDiceBCELoss``; 0: none).
+        loss_average: ``PartialLabelDiceBCELoss``'s ``average``: "channels" or "structures".
         controller_lr_scale: learning rate of the controller relative to the rest of the network.
         crop: train on random crops of this (H, W, D) size (one offset per batch) instead of whole volumes.
         ds_targets: with deep supervision, how the label reaches the lower levels: "nearest" (MONAI's
@@ -97,6 +98,7 @@ class Recipe:
     beta2: float = 0.999
     ema: float = 0.0
     pos_weight: float = 0.0
+    loss_average: str = "channels"
     controller_lr_scale: float = 1.0
     crop: Tuple[int, ...] = ()
     ds_targets: str = "nearest"
@@ -159,7 +161,9 @@ def _train(
         return warm * (1.0 - min(step, total) / total) ** 0.9
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    loss_fn = PartialLabelDiceBCELoss(bce_weight=bce_weight, pos_weight=recipe.pos_weight or None)
+    loss_fn = PartialLabelDiceBCELoss(
+        bce_weight=bce_weight, pos_weight=recipe.pos_weight or None, average=recipe.loss_average
+    )
     if net.backbone.deep_supervision:  # as train.json's train#deep_supervision_loss
         wrapper = MaxPoolDeepSupervisionLoss if recipe.ds_targets == "max" else DeepSupervisionLoss
         loss_fn = wrapper(loss_fn, weight_mode="exp")
@@ -481,6 +485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--clip", type=float, default=0.0, help="maximum gradient norm (0: no clipping)")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2")
     parser.add_argument("--pos_weight", type=float, default=0.0, help="BCE weight of foreground voxels (0: none)")
+    parser.add_argument(
+        "--loss_average", choices=AVERAGES, default="channels", help="PartialLabelDiceBCELoss's average"
+    )
     parser.add_argument("--controller_lr_scale", type=float, default=1.0, help="controller learning rate / lr")
     parser.add_argument(
         "--crop", type=_ints, default=(), help="train on random H,W,D crops of this size (default: whole volumes)"
@@ -544,6 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             beta2=args.beta2,
             ema=args.ema,
             pos_weight=args.pos_weight,
+            loss_average=args.loss_average,
             controller_lr_scale=args.controller_lr_scale,
             crop=args.crop,
             ds_targets=args.ds_targets,

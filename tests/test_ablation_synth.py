@@ -38,11 +38,19 @@ def test_crop_controller_rate_and_curve_points(tiny_data, monkeypatch: pytest.Mo
         return optimizer
 
     monkeypatch.setattr(ablation_synth.torch.optim, "Adam", spy_adam)
+    losses = []
+    original_loss = ablation_synth.PartialLabelDiceBCELoss
+    monkeypatch.setattr(
+        ablation_synth, "PartialLabelDiceBCELoss", lambda **kw: losses.append(original_loss(**kw)) or losses[-1]
+    )
     steps = []
-    recipe = ablation_synth.Recipe(crop=(48, 32, 32), controller_lr_scale=0.25, pos_weight=5.0)
+    recipe = ablation_synth.Recipe(
+        crop=(48, 32, 32), controller_lr_scale=0.25, pos_weight=5.0, loss_average="structures"
+    )
     seconds = ablation_synth._train(net, train, 3, 2, 1e-3, None, 0.3, recipe, lambda s, t: steps.append((s, t)))
     assert shapes == [(48, 32, 32)] * 3  # every training step saw a crop of the asked size
     assert rates == {"controller": pytest.approx(2.5e-4), "rest": pytest.approx(1e-3)}
+    assert [(loss.average, loss.pos_weight) for loss in losses] == [("structures", 5.0)]
     assert [s for s, _ in steps] == [1, 2, 3] and seconds == pytest.approx(steps[-1][1])
     point = ablation_synth._curve_point("dodnet", net, test, 3, seconds, None, logit_stats=True)
     assert set(point) == {"seconds", "organ", "tumor", "dice"}

@@ -162,3 +162,28 @@ def test_meta_tensor_target_gives_the_same_plain_loss_and_gradient():
     expected.backward()
     loss.backward()
     torch.testing.assert_close(meta_in.grad, plain_in.grad)
+
+
+def test_structures_average_weighs_every_labeled_sample_channel_pair_alike():
+    """A lung-like sample (tumor only) next to a liver-like one (organ and tumor): "channels" weighs the lung tumor
+    1/4 and the liver organ 1/2; "structures" weighs each of the three labeled structures 1/3."""
+    logits, target = _batch(8)
+    target[0, 0] = -1  # sample 0 labels only its tumor
+    lung_tumor = _reference(logits[0, 1], target[0, 1])
+    liver_organ, liver_tumor = _reference(logits[1, 0], target[1, 0]), _reference(logits[1, 1], target[1, 1])
+    channels = PartialLabelDiceBCELoss()(logits, target)
+    structures = PartialLabelDiceBCELoss(average="structures")(logits, target)
+    assert torch.allclose(channels, (liver_organ + (lung_tumor + liver_tumor) / 2) / 2, atol=1e-5)
+    assert torch.allclose(structures, (lung_tumor + liver_organ + liver_tumor) / 3, atol=1e-5)
+    full = _batch(9)
+    assert torch.allclose(  # every pair labeled: the two averages agree
+        PartialLabelDiceBCELoss(average="structures", pos_weight=20.0)(*full),
+        PartialLabelDiceBCELoss(pos_weight=20.0)(*full),
+        atol=1e-6,
+    )
+    logits.requires_grad_(True)
+    target[1, 1] = -1
+    PartialLabelDiceBCELoss(average="structures")(logits, target).backward()
+    assert torch.count_nonzero(logits.grad[0, 0]) == 0 and torch.count_nonzero(logits.grad[1, 1]) == 0
+    with pytest.raises(ValueError, match="average must be one of"):
+        PartialLabelDiceBCELoss(average="voxels")

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss, DiceLoss
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PartialLabelDiceBCELoss", "MaxPoolDeepSupervisionLoss"]
+__all__ = ["PartialLabelDiceBCELoss", "MaxPoolDeepSupervisionLoss", "AVERAGES"]
+
+AVERAGES = ("channels", "structures")
+"""How ``PartialLabelDiceBCELoss`` averages over the labeled (sample, channel) pairs of a batch."""
 
 
 class PartialLabelDiceBCELoss(_Loss):
@@ -22,7 +25,9 @@ class PartialLabelDiceBCELoss(_Loss):
     ``DiceLoss`` with ``smooth_nr=0, smooth_dr=1``) and BCE is averaged over the voxels (foreground voxels
     weighted by ``pos_weight`` when it is given); the channel
     loss is the mean over its labeled samples. Channels without any labeled sample in the batch are
-    dropped and the result is the mean over the remaining channels. Unlabeled entries are never read,
+    dropped and the result is the mean over the remaining channels (``average="channels"``); with
+    ``average="structures"`` it is the mean over the labeled (sample, channel) pairs instead, so that every
+    labeled structure in the batch weighs the same. Unlabeled entries are never read,
     so their logits get exactly zero gradient. The loss is computed in float32 (also under AMP).
 
     Args:
@@ -32,6 +37,11 @@ class PartialLabelDiceBCELoss(_Loss):
         pos_weight: weight of the foreground voxels in the BCE term (PyTorch's ``pos_weight`` of
             ``binary_cross_entropy_with_logits``, the same for both channels); None or 1 weighs every voxel
             alike, as the published loss.
+        average: ``"channels"`` (each channel's mean over its labeled samples, then the mean over the channels)
+            or ``"structures"`` (the mean over all labeled (sample, channel) pairs). With one task per sample they
+            differ when a sample labels one channel only: in a batch of a lung volume (tumor only) and a liver
+            volume (organ and tumor), "channels" weighs the lung tumor 1/4 and the liver organ 1/2, "structures"
+            each of the three 1/3.
 
     Forward:
         input: logits (B, C, H, W, D) (C = 2 for DoDNet called with one task per sample).
@@ -51,8 +61,12 @@ class PartialLabelDiceBCELoss(_Loss):
         bce_weight: float = 1.0,
         unlabeled_below: float = 0.0,
         pos_weight: Optional[float] = None,
+        average: str = "channels",
     ) -> None:
         super().__init__()
+        if average not in AVERAGES:
+            raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        self.average = average
         if pos_weight is not None and not float(pos_weight) > 0:
             raise ValueError(f"pos_weight must be a positive number or None, got {pos_weight!r}")
         self.pos_weight = None if pos_weight is None or float(pos_weight) == 1.0 else float(pos_weight)
@@ -97,11 +111,16 @@ class PartialLabelDiceBCELoss(_Loss):
                 continue
             x = logits[rows, c : c + 1]
             y = target[rows, c : c + 1]
-            dice = self.dice(x, y).mean()
             pos_weight = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
-            bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pos_weight)
-            losses.append(self.dice_weight * dice + self.bce_weight * bce)
-        return torch.stack(losses).mean()
+            if self.average == "structures":  # one loss per labeled sample of this channel
+                dice = self.dice(x, y).flatten()
+                bce = F.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=pos_weight)
+                losses.append(self.dice_weight * dice + self.bce_weight * bce.flatten(1).mean(1))
+            else:
+                dice = self.dice(x, y).mean()
+                bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pos_weight)
+                losses.append(self.dice_weight * dice + self.bce_weight * bce)
+        return torch.cat(losses).mean() if self.average == "structures" else torch.stack(losses).mean()
 
 
 class MaxPoolDeepSupervisionLoss(DeepSupervisionLoss):
