@@ -120,14 +120,20 @@ def _network(num_tasks: int, kwargs: Dict[str, Any]) -> DoDNet:
     return DoDNet(num_tasks=num_tasks, **kwargs).to(memory_format=torch.channels_last_3d)
 
 
-def _datasets(datalist: Path, patch: Sequence[int]) -> Tuple[CacheDataset, CacheDataset]:
+def volume_transform(patch: Sequence[int]) -> Compose:
+    """The loop's preprocessing of a datalist item: the bundle's CT chain, padded to ``patch``, labels mapped to
+    (organ, tumor) channels with -1 where the item's task does not label them."""
     steps = ct_preprocessing(label_keys=["label"]) + [
         SpatialPadd(["image", "label"], spatial_size=list(patch)),
         MapTaskLabelsd(),
     ]
+    return Compose(steps)
+
+
+def _datasets(datalist: Path, patch: Sequence[int]) -> Tuple[CacheDataset, CacheDataset]:
     train = load_decathlon_datalist(str(datalist), True, "training")
     test = load_decathlon_datalist(str(datalist), True, "test")
-    kwargs = dict(transform=Compose(steps), num_workers=0, progress=False)
+    kwargs = dict(transform=volume_transform(patch), num_workers=0, progress=False)
     return CacheDataset(train, **kwargs), CacheDataset(test, **kwargs)
 
 

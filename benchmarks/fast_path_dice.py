@@ -29,13 +29,7 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "dodnet_bundle"
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from scripts.demo import (  # noqa: E402
-    FLAG_IDS,
-    _workflow,
-    demo_inference_overrides,
-    demo_overrides,
-    score_structure_masks,
-)
+from scripts.demo import _workflow, demo_inference_overrides, finished_run, score_structure_masks  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
 
 PATHS: Dict[str, Tuple[str, bool, bool]] = {
@@ -51,11 +45,11 @@ TOLERANCE = 0.005
 
 
 def run_path(
-    demo_dir: Path, settings: Dict, items: List[Dict], root: Path, path: str, out_dir: Path, postprocess: bool
+    demo_dir: Path, run_flags: Dict, items: List[Dict], root: Path, path: str, out_dir: Path, postprocess: bool
 ) -> Dict:
-    """Infer every test case with one path; returns ``{"seconds", "dice": {task: {structure: [per case]}}}``."""
+    """Infer every test case with one path (``run_flags``: the run's ``finished_run`` overrides); returns
+    ``{"seconds", "dice": {task: {structure: [per case]}}}``."""
     precision, channels_last, compile_head = PATHS[path]
-    run_flags = demo_overrides(**{flag: value for flag, value in settings.items() if flag in FLAG_IDS})
     overrides = {
         **demo_inference_overrides(demo_dir / "models" / "model.pt", run_flags),  # the run's network and post_rules
         "input": [str(root / item["image"]) for item in items],
@@ -110,11 +104,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     demo_dir = Path(args.demo_dir).resolve()
-    result_file = demo_dir / "demo_result.json"
-    if not result_file.is_file() or not (demo_dir / "models" / "model.pt").is_file():
-        sys.exit(f"{demo_dir}: no finished demo run (demo_result.json and models/model.pt); run `bash dev.sh demo`")
-    result = json.loads(result_file.read_text())
-    settings = result["settings"]
+    try:
+        result, run_flags = finished_run(demo_dir)
+    except FileNotFoundError as err:
+        sys.exit(str(err))
     datalist = demo_datalist(demo_dir, result)
     items = json.loads(datalist.read_text())["test"]
     paths = [p for p in args.paths.split(",") if p]
@@ -129,7 +122,7 @@ def main() -> None:
         for path in paths:
             print(f"{path}: {len(items)} test volumes ...", flush=True)
             runs[path] = run_path(
-                demo_dir, settings, items, datalist.parent, path, Path(tmp) / path, not args.no_postprocess
+                demo_dir, run_flags, items, datalist.parent, path, Path(tmp) / path, not args.no_postprocess
             )
 
     header = f"{'task':<16}{'structure':<22}" + "".join(f"{p:>12}" for p in paths) + f"{'max |diff|':>12}"

@@ -16,59 +16,63 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation_synth import PATCH, _datasets  # noqa: E402  (sets up the bundle's sys.path too)
+from ablation_synth import PATCH, volume_transform  # noqa: E402  (sets up the bundle's sys.path too)
+from monai.data import load_decathlon_datalist  # noqa: E402
 
-from scripts.demo import FLAG_IDS, _parser, demo_overrides  # noqa: E402
+from scripts.demo import _parser, finished_run  # noqa: E402
 from scripts.networks.weights import load_network_weights  # noqa: E402
 from scripts.tasks import resolve_task  # noqa: E402
 
 
-def _components(mask: np.ndarray, hu: np.ndarray) -> List[Dict[str, float]]:
+def _components(
+    mask: np.ndarray, hu: np.ndarray, logit: Optional[np.ndarray] = None, found: Optional[np.ndarray] = None
+) -> List[Dict[str, float]]:
+    """Each connected component of ``mask``: voxels and median HU, with ``logit`` its largest logit and with
+    ``found`` its voxels in ``found``."""
     labels, count = ndimage.label(mask)
-    return [{"voxels": int((labels == i).sum()), "hu": float(np.median(hu[labels == i]))} for i in range(1, count + 1)]
+    out = []
+    for i in range(1, count + 1):
+        component = labels == i
+        entry = {"voxels": int(component.sum()), "hu": float(np.median(hu[component]))}
+        if logit is not None:
+            entry["max_logit"] = float(logit[component].max())
+        if found is not None:
+            entry["found"] = int((found & component).sum())
+        out.append(entry)
+    return out
 
 
 def lesion_report(demo_dir: Path, tasks: List[str]) -> List[Dict[str, object]]:
     """One entry per test volume of ``tasks``: ``{"case", "task", "dice", "lesions", "false_positives"}``."""
-    result = json.loads((demo_dir / "demo_result.json").read_text())
-    flags = demo_overrides(**{k: v for k, v in result["settings"].items() if k in FLAG_IDS})
+    result, flags = finished_run(demo_dir)
     parser = _parser(["train.json", "demo.json"], flags)
     network = load_network_weights(parser.get_parsed_content("network_def"), demo_dir / "models" / "model.pt").eval()
     hu_scale = max(abs(v) for v in parser.get_parsed_content("hu_range"))  # the clip [-325, 325] -> [-1, 1]
-    wanted = {resolve_task(t).id for t in tasks}
-    _, test = _datasets(demo_dir / result["datalist"], PATCH)
+    wanted = {resolve_task(t).name for t in tasks}
+    items = load_decathlon_datalist(str(demo_dir / result["datalist"]), True, "test")
+    transform = volume_transform(PATCH)
     rows: List[Dict[str, object]] = []
     with torch.no_grad():
-        for index, item in enumerate(test):
+        for source in (i for i in items if resolve_task(i["task"]).name in wanted):
+            item = transform(source)
             task = int(item["task_id"])
-            if task not in wanted:
-                continue
             logit = network(item["image"][None].as_subclass(torch.Tensor), torch.tensor([task]))[0, 1].numpy()
             reference = (item["label"][1] > 0).numpy()
             hu = item["image"][0].numpy() * hu_scale
             found = logit > 0
-            lesions, count = ndimage.label(reference)
             rows.append(
                 {
-                    "case": Path(test.data[index]["image"]).name,
+                    "case": Path(source["image"]).name,
                     "task": resolve_task(task).name,
                     "dice": float(2 * (found & reference).sum() / max(1, found.sum() + reference.sum())),
-                    "lesions": [
-                        {
-                            "voxels": int((lesions == i).sum()),
-                            "hu": float(np.median(hu[lesions == i])),
-                            "max_logit": float(logit[lesions == i].max()),
-                            "found": int((found & (lesions == i)).sum()),
-                        }
-                        for i in range(1, count + 1)
-                    ],
+                    "lesions": _components(reference, hu, logit, found),
                     "false_positives": _components(found & ~ndimage.binary_dilation(reference), hu),
                 }
             )

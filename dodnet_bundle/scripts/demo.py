@@ -40,7 +40,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -60,6 +60,7 @@ __all__ = [
     "demo_inference_overrides",
     "demo_overrides",
     "demo_settings",
+    "finished_run",
     "run_demo",
     "format_table",
     "organ_mean_dice",
@@ -214,6 +215,22 @@ def demo_inference_overrides(
         "bundle_root": str(BUNDLE_ROOT),
         "ckpt_path": str(ckpt_path),
     }
+
+
+def finished_run(output_dir: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A finished demo run's ``demo_result.json`` and the overrides of the flags it ran with (``demo_overrides``, so
+    that train.json + demo.json rebuild its network and recipe, and ``demo_inference_overrides`` its inference).
+
+    Raises:
+        FileNotFoundError: (one line) ``output_dir`` has no ``demo_result.json`` or no ``models/model.pt``.
+    """
+    out = Path(output_dir)
+    if not (out / "demo_result.json").is_file() or not (out / "models" / "model.pt").is_file():
+        raise FileNotFoundError(
+            f"{out}: no finished demo run (demo_result.json and models/model.pt); run `bash dev.sh demo`"
+        )
+    result = json.loads((out / "demo_result.json").read_text())
+    return result, demo_overrides(**{flag: v for flag, v in result["settings"].items() if flag in FLAG_IDS})
 
 
 def _post_rule_overrides(config_file: str, rules: Mapping[str, Any]) -> Dict[str, Any]:

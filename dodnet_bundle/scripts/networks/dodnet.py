@@ -27,7 +27,7 @@ def contrast_kernels(value: Union[Sequence[int], int, str, None]) -> List[int]:
         return []
     items = value
     if isinstance(value, str):
-        items = [v for v in value.strip().strip("[]()").replace(",", " ").split()]
+        items = value.strip().strip("[]()").replace(",", " ").split()
     elif isinstance(value, int):
         items = [value]
     kernels: List[int] = []
@@ -235,8 +235,9 @@ class DoDNet(nn.Module):
         if image.shape[2:] != preseg.shape[2:]:
             image = F.adaptive_avg_pool3d(image, preseg.shape[2:])
         inputs = [preseg, image.to(preseg.dtype)] if self.image_to_head else [preseg]
-        for kernel in self.contrast_to_head:  # in float32: sums of a bf16 image would lose the contrast
-            inputs.append(local_contrast(image.float(), kernel).to(preseg.dtype))
+        image = image.float()  # the contrast in float32: box sums of a bf16 image would lose it
+        for kernel in self.contrast_to_head:
+            inputs.append(local_contrast(image, kernel).to(preseg.dtype))
         return torch.cat(inputs, dim=1)
 
     @torch.jit.unused

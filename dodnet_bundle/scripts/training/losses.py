@@ -104,7 +104,7 @@ class PartialLabelDiceBCELoss(_Loss):
             )
         logits = input.float()
         target = target.float()
-        losses = []
+        per_channel = []  # for each channel with a labeled sample: (n,) losses of its n labeled samples
         for c in range(input.shape[1]):
             rows = labeled[:, c].nonzero().flatten()
             if rows.numel() == 0:
@@ -112,15 +112,11 @@ class PartialLabelDiceBCELoss(_Loss):
             x = logits[rows, c : c + 1]
             y = target[rows, c : c + 1]
             pos_weight = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
-            if self.average == "structures":  # one loss per labeled sample of this channel
-                dice = self.dice(x, y).flatten()
-                bce = F.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=pos_weight)
-                losses.append(self.dice_weight * dice + self.bce_weight * bce.flatten(1).mean(1))
-            else:
-                dice = self.dice(x, y).mean()
-                bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pos_weight)
-                losses.append(self.dice_weight * dice + self.bce_weight * bce)
-        return torch.cat(losses).mean() if self.average == "structures" else torch.stack(losses).mean()
+            bce = F.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=pos_weight)
+            per_channel.append(self.dice_weight * self.dice(x, y).flatten() + self.bce_weight * bce.flatten(1).mean(1))
+        if self.average == "structures":
+            return torch.cat(per_channel).mean()
+        return torch.stack([losses.mean() for losses in per_channel]).mean()
 
 
 class MaxPoolDeepSupervisionLoss(DeepSupervisionLoss):
