@@ -28,7 +28,7 @@ from monai.data import load_decathlon_datalist  # noqa: E402
 
 from scripts.demo import _parser, finished_run  # noqa: E402
 from scripts.networks.weights import load_network_weights  # noqa: E402
-from scripts.tasks import resolve_task  # noqa: E402
+from scripts.tasks import TaskSelectionError, resolve_task  # noqa: E402
 
 
 def _components(
@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--tasks", default="liver,hepatic_vessel", help="comma-separated task names")
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args()
-    rows = lesion_report(Path(args.demo_dir), [t for t in args.tasks.split(",") if t])
+    try:
+        rows = lesion_report(Path(args.demo_dir), [t for t in args.tasks.split(",") if t])
+    except (FileNotFoundError, TaskSelectionError) as err:  # no finished run there; a misspelled task
+        sys.exit(f"lesion_report: {err}")
     for row in rows:
         lesions = "; ".join(
             f"{x['voxels']} vox {x['hu']:.0f} HU max logit {x['max_logit']:.1f} found {x['found']}"
