@@ -187,3 +187,13 @@ def test_structures_average_weighs_every_labeled_sample_channel_pair_alike():
     assert torch.count_nonzero(logits.grad[0, 0]) == 0 and torch.count_nonzero(logits.grad[1, 1]) == 0
     with pytest.raises(ValueError, match="average must be one of"):
         PartialLabelDiceBCELoss(average="voxels")
+
+
+def test_a_bad_average_is_a_user_error_that_monai_bundle_run_prints_as_one_line():
+    from scripts.cli_errors import UsageError, user_error_exit
+
+    with pytest.raises(UsageError) as info:
+        PartialLabelDiceBCELoss(average="voxels")
+    wrapped = RuntimeError("Failed to instantiate component")  # as MONAI's config parser wraps it
+    wrapped.__cause__ = info.value
+    assert user_error_exit(wrapped) == (info.value, 2)

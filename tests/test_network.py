@@ -465,3 +465,14 @@ def test_contrast_to_head_refuses_a_box_size_that_is_not_odd_and_at_least_3(valu
     with pytest.raises(ValueError, match="contrast_to_head must list odd box sizes >= 3"):
         DoDNet(contrast_to_head=value)
     assert contrast_kernels("[3, 7]") == contrast_kernels((3, 7)) == [3, 7] and contrast_kernels("[]") == []
+
+
+def test_bad_contrast_or_deep_supervision_values_are_user_errors_that_monai_bundle_run_prints_as_one_line():
+    from scripts.cli_errors import UsageError, user_error_exit
+
+    for kwargs in (dict(contrast_to_head=[4]), dict(deep_supervision=5)):
+        with pytest.raises(UsageError) as info:
+            DoDNet(**kwargs)
+        wrapped = RuntimeError("Failed to instantiate component")  # as MONAI's config parser wraps it
+        wrapped.__cause__ = info.value
+        assert user_error_exit(wrapped) == (info.value, 2)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.cli_errors import UsageError
+
 from .blocks import PreActResBlock, add_into, group_norm
 from .ws_conv import make_conv3d
 
@@ -61,7 +63,7 @@ class DoDNetBackbone(nn.Module):
         if len(blocks) != 5 or min(blocks) < 1:
             raise ValueError(f"blocks must list 5 stage depths >= 1, got {list(blocks)}")
         if not 0 <= deep_supervision <= 3:
-            raise ValueError(f"deep_supervision must be 0-3 decoder levels (1/2, 1/4, 1/8), got {deep_supervision}")
+            raise UsageError(f"deep_supervision must be 0-3 decoder levels (1/2, 1/4, 1/8), got {deep_supervision}")
         widths = [base_channels * m for m in _WIDTH_MULTIPLIERS]
         self.feature_channels = widths[4]
         self.preseg_channels = preseg_channels

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.cli_errors import UsageError
 from scripts.utils import as_bool
 
 from .backbone import DoDNetBackbone
@@ -22,7 +23,7 @@ TRAINING_ONLY_PREFIX = "backbone.ds_precls."
 
 def contrast_kernels(value: Union[Sequence[int], int, str, None]) -> List[int]:
     """``contrast_to_head`` as a list of odd box sizes >= 3 (a list, one int, or "[3, 7]" / "3,7" from a command
-    line; None, "" or "[]": none). Raises ``ValueError`` naming the value otherwise."""
+    line; None, "" or "[]": none). Raises ``UsageError`` (a ``ValueError``) naming the value otherwise."""
     if value is None:
         return []
     items = value
@@ -37,7 +38,7 @@ def contrast_kernels(value: Union[Sequence[int], int, str, None]) -> List[int]:
         except (TypeError, ValueError):
             kernel = -1
         if kernel < 3 or kernel % 2 == 0 or kernel != float(item):
-            raise ValueError(f"contrast_to_head must list odd box sizes >= 3, got {value!r}")
+            raise UsageError(f"contrast_to_head must list odd box sizes >= 3, got {value!r}")
         kernels.append(kernel)
     return kernels
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss, DiceLoss
 from torch.nn.modules.loss import _Loss
 
+from scripts.cli_errors import UsageError
+
 __all__ = ["PartialLabelDiceBCELoss", "MaxPoolDeepSupervisionLoss", "AVERAGES"]
 
 AVERAGES = ("channels", "structures")
@@ -65,7 +67,7 @@ class PartialLabelDiceBCELoss(_Loss):
     ) -> None:
         super().__init__()
         if average not in AVERAGES:
-            raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+            raise UsageError(f"average must be one of {AVERAGES}, got {average!r}")
         self.average = average
         if pos_weight is not None and not float(pos_weight) > 0:
             raise ValueError(f"pos_weight must be a positive number or None, got {pos_weight!r}")
