@@ -56,7 +56,8 @@ def time_step(
     """
     parser = _demo_parts(overrides or {})
     net = parser.get_parsed_content("network_def", instantiate=True)
-    loss_fn = parser.get_parsed_content("loss", instantiate=True)
+    # as the trainer's loss_function: the deep-supervision wrapper when the network returns lower levels too
+    loss_fn = parser.get_parsed_content("train#deep_supervision_loss") or parser.get_parsed_content("loss")
     optimizer = torch.optim.Adam(net.parameters(), lr=float(parser.get_parsed_content("learning_rate")))
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format).train()

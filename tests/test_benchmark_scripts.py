@@ -27,3 +27,22 @@ def test_every_benchmark_script_imports() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", f"scripts that do not import:\n{done.stdout}"
+
+
+def test_train_step_runs_the_demo_networks_training_step() -> None:
+    """A tiny run of train_step.py (width 4, one 16^3 step): the demo's network returns its deep-supervision levels
+    in training, so the script must use the trainer's loss (train#deep_supervision_loss), not the plain one."""
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / "train_step.py"),
+        "--batch_sizes", "1",
+        "--patch", "16,16,16",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--threads", "1",
+        "--overrides", '{"network_def#base_channels": 4}',
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = done.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "1" and float(row[1]) > 0, done.stdout
