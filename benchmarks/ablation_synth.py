@@ -332,11 +332,12 @@ def run_ablation(
     image_to_head: bool = False,
     contrast_to_head: Sequence[int] = (),
     deep_supervision: int = 0,
+    blocks: Sequence[int] = (1, 2, 2, 2, 2),
 ) -> Dict[str, Dict[str, object]]:
     """Train and score each variant.
 
-    ``image_to_head``, ``contrast_to_head`` and ``deep_supervision`` are DoDNet's options of those names (for every
-    variant).
+    ``image_to_head``, ``contrast_to_head``, ``deep_supervision`` and ``blocks`` are DoDNet's options of those names
+    (for every variant).
 
     ``eval_at``: iterations at which the test split is also scored during training (not for ``multi_nets``),
     stored as ``"curve": {iteration: {"seconds", "organ", "tumor", "dice"}}``; ``logit_stats`` prints the mean
@@ -371,6 +372,7 @@ def run_ablation(
             image_to_head=image_to_head,
             contrast_to_head=list(contrast_to_head),
             deep_supervision=deep_supervision,
+            blocks=list(blocks),
         )
         seconds = 0.0
         if variant == "multi_nets":
@@ -482,6 +484,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--deep_supervision", type=int, default=0, help="DoDNet's deep_supervision: decoder levels (0-3) in the loss"
     )
     parser.add_argument(
+        "--blocks",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[1, 2, 2, 2, 2],
+        help="DoDNet's blocks: residual blocks per encoder stage, e.g. 0,2,2,2,2 (default: the paper's 1,2,2,2,2)",
+    )
+    parser.add_argument(
         "--ds_targets", choices=("nearest", "max"), default="nearest", help="lower-level labels: sampled or max-pooled"
     )
     parser.add_argument("--norm_groups", type=int, default=16, help="GroupNorm groups (capped at the width; demo: 4)")
@@ -571,6 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         image_to_head=args.image_to_head,
         contrast_to_head=args.contrast_to_head,
         deep_supervision=args.deep_supervision,
+        blocks=args.blocks,
     )
     print(f"\nMOTS-synth ablation: {args.iterations} iterations of batch {args.batch_size} per variant, test Dice")
     print(format_results(results))

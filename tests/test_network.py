@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scripts.cli_errors import UsageError
 from scripts.networks import (
     DoDNet,
     DynamicHead,
@@ -218,6 +219,22 @@ def test_invalid_constructor_arguments():
         DoDNet(head_width=3)
     with pytest.raises(ValueError, match="blocks"):
         DoDNet(blocks=(1, 2, 2))
+    with pytest.raises(UsageError, match="blocks"):
+        DoDNet(blocks=(1, 0, 1, 1, 1))
+
+
+def test_first_stage_without_blocks():
+    """blocks[0] = 0: the full-resolution stage is the stem alone (no layer0 weights), same outputs' shapes."""
+    net = tiny_net(blocks=(0, 1, 1, 1, 1))
+    full = tiny_net()
+    assert not any(name.startswith("backbone.layer0.") for name in net.state_dict())
+    layer0 = sum(p.numel() for n, p in full.named_parameters() if n.startswith("backbone.layer0."))
+    assert layer0 > 0 and count_params(net) == count_params(full) - layer0
+    x = torch.randn(2, 1, *SHAPE)
+    with torch.no_grad():
+        assert net(x, torch.tensor([0, 3])).shape == (2, 2, *SHAPE)
+    stem = net.backbone.conv1(x)
+    assert torch.equal(net.backbone.layer0(stem), stem)
 
 
 def test_verify_net_in_out_passes(bundle_root):
@@ -468,9 +485,9 @@ def test_contrast_to_head_refuses_a_box_size_that_is_not_odd_and_at_least_3(valu
 
 
 def test_bad_contrast_or_deep_supervision_values_are_user_errors_that_monai_bundle_run_prints_as_one_line():
-    from scripts.cli_errors import UsageError, user_error_exit
+    from scripts.cli_errors import user_error_exit
 
-    for kwargs in (dict(contrast_to_head=[4]), dict(deep_supervision=5)):
+    for kwargs in (dict(contrast_to_head=[4]), dict(deep_supervision=5), dict(blocks=(1, 0, 2, 2, 2))):
         with pytest.raises(UsageError) as info:
             DoDNet(**kwargs)
         wrapped = RuntimeError("Failed to instantiate component")  # as MONAI's config parser wraps it

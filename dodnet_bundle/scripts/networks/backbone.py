@@ -39,7 +39,9 @@ class DoDNetBackbone(nn.Module):
     Args:
         in_channels: image channels (1 for CT).
         base_channels: width of the first stage (32 in the paper).
-        blocks: residual blocks per encoder stage (``[1, 2, 2, 2, 2]`` in the paper).
+        blocks: residual blocks per encoder stage (``[1, 2, 2, 2, 2]`` in the paper); the first stage (full
+            resolution, stride 1) may have 0, which leaves the stem's output as its skip and saves the costliest
+            convolutions of a training step.
         preseg_channels: channels of the pre-segmentation map (8 in the paper).
         norm_groups: GroupNorm groups (16 in the paper; capped at the width).
         weight_std: weight-standardized convolutions (True in the paper).
@@ -60,8 +62,10 @@ class DoDNetBackbone(nn.Module):
         deep_supervision: int = 0,
     ) -> None:
         super().__init__()
-        if len(blocks) != 5 or min(blocks) < 1:
-            raise ValueError(f"blocks must list 5 stage depths >= 1, got {list(blocks)}")
+        if len(blocks) != 5 or blocks[0] < 0 or min(blocks[1:]) < 1:
+            raise UsageError(
+                f"blocks must list 5 stage depths, >= 0 for the first and >= 1 for the others, got {list(blocks)}"
+            )
         if not 0 <= deep_supervision <= 3:
             raise UsageError(f"deep_supervision must be 0-3 decoder levels (1/2, 1/4, 1/8), got {deep_supervision}")
         widths = [base_channels * m for m in _WIDTH_MULTIPLIERS]
@@ -69,6 +73,9 @@ class DoDNetBackbone(nn.Module):
         self.preseg_channels = preseg_channels
 
         def stage(c_in: int, c_out: int, depth: int, stride: int) -> nn.Sequential:
+            """``depth`` residual blocks, the first with ``stride``; depth 0 (c_in == c_out, stride 1): identity."""
+            if depth == 0:
+                return nn.Sequential()
             layers = [PreActResBlock(c_in, c_out, stride, norm_groups, weight_std)]
             layers += [PreActResBlock(c_out, c_out, 1, norm_groups, weight_std) for _ in range(depth - 1)]
             return nn.Sequential(*layers)

@@ -77,7 +77,7 @@ class DoDNet(nn.Module):
         in_channels: image channels (1).
         num_tasks: number of tasks in the one-hot encoding (7 for MOTS).
         base_channels: width of the first encoder stage (32; tests use tiny widths).
-        blocks: residual blocks per encoder stage (``[1, 2, 2, 2, 2]``).
+        blocks: residual blocks per encoder stage (``[1, 2, 2, 2, 2]``; the first may be 0, see ``DoDNetBackbone``).
         preseg_channels: channels of the pre-segmentation map, the dynamic head's input (8).
         head_width: hidden width of the dynamic head (4-16; 8).
         head_depth: layers of the dynamic head (2-4; 3).
