@@ -65,7 +65,7 @@ from scripts.data.label_mapping import MapTaskLabelsd  # noqa: E402
 from scripts.data.synth import ensure_mots_synth  # noqa: E402
 from scripts.data.transforms import ct_preprocessing  # noqa: E402
 from scripts.inference.postprocessing import TaskPostProcessd  # noqa: E402
-from scripts.networks import DoDNet, contrast_kernels  # noqa: E402
+from scripts.networks import DoDNet, contrast_kernels, stage_blocks  # noqa: E402
 from scripts.tasks import TASKS  # noqa: E402
 from scripts.training.losses import AVERAGES, MaxPoolDeepSupervisionLoss, PartialLabelDiceBCELoss  # noqa: E402
 
@@ -455,6 +455,14 @@ def _ints(text: str) -> Tuple[int, ...]:
     return values
 
 
+def _blocks(text: str) -> List[int]:
+    """``"0,2,2,2,2"`` -> DoDNet's ``blocks`` (``stage_blocks``), checked before any data is made."""
+    try:
+        return stage_blocks(_comma_separated(text, int, "integers"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _floats(text: str) -> Tuple[float, ...]:
     """``"-5,0,2.5"`` -> ``(-5.0, 0.0, 2.5)`` (argparse ``type``: a bad value is one line)."""
     return _comma_separated(text, float, "numbers")
@@ -485,7 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     parser.add_argument(
         "--blocks",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=_blocks,
         default=[1, 2, 2, 2, 2],
         help="DoDNet's blocks: residual blocks per encoder stage, e.g. 0,2,2,2,2 (default: the paper's 1,2,2,2,2)",
     )

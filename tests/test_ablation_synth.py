@@ -89,3 +89,12 @@ def test_thresholds_flag_rejects_a_bad_value_in_one_line(capsys: pytest.CaptureF
         ablation_synth.main(["--thresholds=-5,zero"])  # negative values need the = form
     assert exit_info.value.code == 2
     assert "expected comma-separated numbers, got '-5,zero'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1,0,2,2,2", "1,2", "0,x"])
+def test_blocks_flag_rejects_a_bad_value_in_one_line_before_any_data_is_made(value, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ablation_synth.main(["--blocks", value, "--cache_dir", "/nonexistent/never-made"])
+    assert exit_info.value.code == 2
+    assert "argument --blocks:" in capsys.readouterr().err
+    assert ablation_synth._blocks("0,2,2,2,2") == [0, 2, 2, 2, 2]

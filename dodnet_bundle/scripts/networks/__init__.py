@@ -1,6 +1,6 @@
 """DoDNet network components, usable by ``_target_`` in bundle configs (``scripts.networks.DoDNet``)."""
 
-from .backbone import DoDNetBackbone
+from .backbone import DoDNetBackbone, stage_blocks
 from .blocks import PreActResBlock
 from .controller import CONDITIONING_MODES, CONTROLLER_INITS, TaskController
 from .dodnet import DoDNet, contrast_kernels, local_contrast
@@ -20,5 +20,6 @@ __all__ = [
     "WSConv3d",
     "contrast_kernels",
     "local_contrast",
+    "stage_blocks",
     "standardize_weight",
 ]

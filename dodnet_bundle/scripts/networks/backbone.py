@@ -13,9 +13,21 @@ from scripts.cli_errors import UsageError
 from .blocks import PreActResBlock, add_into, group_norm
 from .ws_conv import make_conv3d
 
-__all__ = ["DoDNetBackbone"]
+__all__ = ["DoDNetBackbone", "stage_blocks"]
 
 _WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
+
+
+def stage_blocks(blocks: Sequence[int]) -> List[int]:
+    """``blocks`` checked as DoDNet's 5 encoder stage depths: >= 0 for the first (full resolution), >= 1 for the
+    others. Raises ``UsageError`` (a ``ValueError``) naming the value otherwise."""
+    try:
+        depths = [int(b) for b in blocks]
+    except (TypeError, ValueError):
+        depths = []
+    if len(depths) != 5 or depths[0] < 0 or min(depths[1:]) < 1:
+        raise UsageError(f"blocks must list 5 stage depths, >= 0 for the first and >= 1 for the others, got {blocks!r}")
+    return depths
 
 
 class DoDNetBackbone(nn.Module):
@@ -62,10 +74,7 @@ class DoDNetBackbone(nn.Module):
         deep_supervision: int = 0,
     ) -> None:
         super().__init__()
-        if len(blocks) != 5 or blocks[0] < 0 or min(blocks[1:]) < 1:
-            raise UsageError(
-                f"blocks must list 5 stage depths, >= 0 for the first and >= 1 for the others, got {list(blocks)}"
-            )
+        blocks = stage_blocks(blocks)
         if not 0 <= deep_supervision <= 3:
             raise UsageError(f"deep_supervision must be 0-3 decoder levels (1/2, 1/4, 1/8), got {deep_supervision}")
         widths = [base_channels * m for m in _WIDTH_MULTIPLIERS]
