@@ -300,6 +300,24 @@ def test_resume_after_sigkill(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("epochs, val_interval, validated", [(3, 2, [2, 3]), (4, 2, [2, 4]), (2, 5, [2])])
+def test_the_last_epoch_is_always_validated(tmp_path, tiny_data, epochs, val_interval, validated):
+    """Validation runs every ``val_interval`` epochs and after the last one, so the best model (models/model.pt)
+    can be the final weights even when ``val_interval`` does not divide ``epochs``, and a run shorter than
+    ``val_interval`` still has one; nothing is validated twice."""
+    overrides = _overrides(tmp_path, tiny_data, epochs=epochs, val_interval=val_interval, resume=False)
+    workflow = ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", logging_file=False, **overrides)
+    workflow.initialize()
+    runs: List[int] = []
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(Events.COMPLETED, lambda engine: runs.append(engine.state.epoch))
+    workflow.run()
+    workflow.finalize()
+    assert runs == validated
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.slow
 def test_resumed_run_keeps_the_best_metric_of_the_first(tmp_path, tiny_data, caplog):
     """Run 1 (one epoch) sets the best validation Dice; run 2 resumes it for epoch 2 with every prediction empty
     (threshold above any probability: Dice 0, no better than run 1's): no "new best" is logged, the evaluator's
