@@ -36,6 +36,10 @@ Run (2-core CPU, a few minutes per variant with the defaults)::
     python benchmarks/ablation_synth.py --variants dodnet --iterations 700 --controller_init task_heads \
         --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --image_to_head \
         --contrast_to_head 3,7 --deep_supervision 2 --pos_weight 20 --train_seed 1
+    python benchmarks/ablation_synth.py --variants dodnet --iterations 840 --controller_init task_heads \
+        --norm_groups 4 --lr 0.0015 --bce_weight 0.3 --num_test_per_task 8 --post_rules demo --image_to_head \
+        --contrast_to_head 3,7 --deep_supervision 2 --pos_weight 20 --loss_average structures --crop 48,48,32 \
+        --train_seed 1   # the demo's recipe (demo.json)
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from scripts.training.losses import AVERAGES, MaxPoolDeepSupervisionLoss, Partia
 
 VARIANTS = ("dodnet", "task_only", "cond_no", "multi_nets")
 PATCH = (64, 64, 32)
-"""The whole MOTS-synth volume at 0.8 x 0.8 x 1.5 mm: the training patch, as demo.json's ``patch_size``."""
+"""The whole MOTS-synth volume at 0.8 x 0.8 x 1.5 mm: the test window, and the training patch without ``--crop``."""
 CONDITIONING = {"dodnet": "dodnet", "task_only": "task", "cond_no": "image", "multi_nets": "dodnet"}
 
 

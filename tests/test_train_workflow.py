@@ -23,6 +23,7 @@ from helpers.paths import BUNDLE_ROOT, REPO_ROOT
 from helpers.tiny_mots import write_tiny_mots
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.transforms import Compose
 
 from scripts.data.datalist import DatalistError
 from scripts.data.label_mapping import UNLABELED
@@ -141,6 +142,24 @@ def test_training_pipeline_keeps_the_unlabeled_marker(tmp_path, tiny_data):
                     assert values == {UNLABELED}, f"{task}: channel {channel} must stay all -1"
                 else:
                     assert values <= {0.0, 1.0}, f"{task}: channel {channel} has {values}"
+
+
+@pytest.mark.parametrize("configs", [[TRAIN], [TRAIN, TRAIN.parent / "demo.json"]], ids=["train", "demo"])
+def test_crop_ratio_ids_steer_both_crops(configs):
+    """``foreground_crops`` : ``random_crops`` is the share of patches centred on the task's label, in the
+    in-memory crop and in the preprocessed one. train.json's 4 : 1 keeps a corner lesion in most patches;
+    demo.json's 0 : 1 places patches without regard to the label (its task heads must also see the other organs)."""
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "patch_size": [16, 16, 16]})
+    pos, neg = parser.get_parsed_content("foreground_crops"), parser.get_parsed_content("random_crops")
+    assert parser.get_parsed_content("train#load_patch").pos_ratio == pytest.approx(pos / (pos + neg))
+    crop = Compose(parser.get_parsed_content("train#crop_transforms")).set_random_state(seed=0)
+    label = torch.zeros(1, 48, 48, 32)
+    label[:, 1:4, 1:4, 1:4] = 1  # a lesion in one corner
+    item = {"image": torch.rand(1, 48, 48, 32), "label": label}
+    hits = sum(int(crop(dict(item))[0]["label"].sum() > 0) for _ in range(100)) / 100
+    assert hits >= 0.65 if pos / (pos + neg) == 0.8 else hits <= 0.2, (pos, neg, hits)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

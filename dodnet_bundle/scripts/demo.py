@@ -5,8 +5,8 @@
 1. ``scripts.data.synth.ensure_mots_synth``: the synthetic partially labeled data set (generated once, by
    ``synth_workers`` processes);
 2. ``configs/train.json`` + ``configs/demo.json``: a DoDNet of width 8 (GroupNorm groups scaled to the
-   width, the controller's ``task_heads`` initialization) trained at 0.8 x 0.8 x 1.5 mm on whole-volume
-   patches of 64 x 64 x 32 voxels with Adam and Dice + 0.3 BCE, without spatial augmentation (left-right
+   width, the controller's ``task_heads`` initialization) trained at 0.8 x 0.8 x 1.5 mm on random 48 x 48 x 32
+   patches of the 64 x 64 x 32 volumes with Adam and Dice + 0.3 BCE, without spatial augmentation (left-right
    flips would swap the liver and spleen sides of the phantom; the published augmentations stay in
    train.json);
 3. ``configs/train.json`` + ``configs/evaluate.json`` + ``configs/demo.json``: Dice per task and
@@ -565,7 +565,7 @@ def run_demo(
             the best checkpoint) and held-out test (the Dice table) volumes per task.
         epochs: training epochs (one pass over the 7 * num_per_task volumes each).
         base_channels: DoDNet width (32 in the paper).
-        patch_size: training patch (whole volume) and sliding-window size, divisible by 16.
+        patch_size: training patch and sliding-window size, divisible by 16 (demo.json: 48 x 48 x 32).
         pixdim: voxel spacing (mm) of training, evaluation and inference (demo.json: the bundle's 0.8 x 0.8 x 1.5;
             1.05 x 1.05 x 1.5 with ``patch_size`` 48 x 48 x 32 trains faster, at a lower Dice: docs/performance.md).
         batch_size: training batch size.
@@ -582,7 +582,7 @@ def run_demo(
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
         synth_workers: processes generating MOTS-synth (the volumes do not depend on it).
-        val_interval: validate every N epochs.
+        val_interval: validate every N epochs and after the last one (demo.json: 11 of 22).
         fresh: start training from scratch (delete ``output_dir/models``); False resumes a killed run.
         infer: run configs/inference.json on one held-out volume.
 

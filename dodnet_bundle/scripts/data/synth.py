@@ -12,8 +12,8 @@ background in another and cannot fit the labels; DoDNet's task prior resolves it
 Geometry: the phantom is defined in millimetres and sampled on an anisotropic grid (in-plane
 spacing 0.7-0.9 mm, slice spacing 1.5-2.5 mm), stored as NIfTI (int16 HU images, uint8 labels) with
 a proper affine, in RAS or LPS storage order. The default field of view (50.4 x 50.4 x 46.5 mm)
-becomes at most 64 x 64 x 32 voxels (one network window) after the bundle's resampling to
-0.8 x 0.8 x 1.5 mm, so a reduced-width DoDNet trains on it in minutes on a laptop CPU. Intensities
+becomes at most 64 x 64 x 32 voxels after the bundle's resampling to 0.8 x 0.8 x 1.5 mm, so a
+reduced-width DoDNet trains on it in minutes on a laptop CPU. Intensities
 are plausible contrast-enhanced CT values: air -1000, lung about -800, fat about -100, soft tissue
 30-60, liver about 100, pancreas about 70, spleen about 140, kidney cortex about 200, enhanced
 vessels 180-250, bone 250-800; tumors are hypo- or hyper-dense; organ shapes, sizes, positions and
