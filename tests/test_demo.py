@@ -120,7 +120,7 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     assert network.image_to_head and network.backbone.deep_supervision == 2  # the two options the demo relies on
     assert type(parser.get_parsed_content("train#trainer#loss_function")).__name__ == "DeepSupervisionLoss"
     assert parser.get_parsed_content("synth_options") == {
-        "num_per_task": 12,
+        "num_per_task": 24,
         "num_val_per_task": 2,
         "num_test_per_task": 4,
         "seed": 0,
@@ -128,7 +128,7 @@ def test_demo_json_merged_on_train_json_gives_the_demo_settings() -> None:
     }
     settings = demo_settings()
     assert {k: settings[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS  # what run_demo reports is demo.json's
-    assert settings["steps_per_epoch"] == 42 and settings["optimizer"] == "torch.optim.Adam"
+    assert settings["steps_per_epoch"] == 84 and settings["optimizer"] == "torch.optim.Adam"
     assert settings["epochs"] == parser.get_parsed_content("epochs")
     changed = demo_settings(demo_overrides(epochs=3, base_channels=4, num_per_task=2, learning_rate=0.01))
     assert (changed["epochs"], changed["base_channels"], changed["num_per_task"]) == (3, 4, 2)

@@ -582,7 +582,7 @@ def run_demo(
         threads: torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores).
         seed: MOTS-synth seed.
         synth_workers: processes generating MOTS-synth (the volumes do not depend on it).
-        val_interval: validate every N epochs and after the last one (demo.json: 11 of 22).
+        val_interval: validate every N epochs and after the last one (demo.json: 6 of 11).
         fresh: start training from scratch (delete ``output_dir/models``); False resumes a killed run.
         infer: run configs/inference.json on one held-out volume.
 
