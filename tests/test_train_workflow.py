@@ -162,6 +162,27 @@ def test_crop_ratio_ids_steer_both_crops(configs):
     assert hits >= 0.65 if pos / (pos + neg) == 0.8 else hits <= 0.2, (pos, neg, hits)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"val_interval": 0}, "val_interval must be a whole number of epochs >= 1, got 0"),
+        ({"foreground_crops": -1}, "foreground_crops and random_crops) must be non-negative"),
+        ({"foreground_crops": 0, "random_crops": 0}, "not both zero, got 0 and 0"),
+    ],
+)
+def test_bad_validation_interval_or_crop_ratio_is_a_one_line_user_error(overrides, message):
+    from scripts.cli_errors import USAGE_EXIT, one_line, user_error_exit
+
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    target = "train#handlers" if "val_interval" in overrides else "train#load_patch"
+    with pytest.raises(RuntimeError) as info:  # MONAI's config parser wraps the constructor's error
+        parser.get_parsed_content(target)
+    error, code = user_error_exit(info.value)
+    assert code == USAGE_EXIT and message in one_line(error)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_switch_sets_the_training_memory_format(tmp_path, tiny_data, channels_last):
     """``channels_last`` (default true: oneDNN's fast 3-D kernels, ~25% per CPU step) stores every 5-D weight

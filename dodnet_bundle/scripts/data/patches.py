@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.utils import correct_crop_centers
 
+from scripts.cli_errors import UsageError
 from scripts.data.datalist import DatalistError
 from scripts.data.preprocess import CASE_RECORD_NAME, MANIFEST_NAME, PREPROCESS_VERSION
 
@@ -105,7 +106,10 @@ class LoadPatchd(Randomizable, MapTransform):
         if len(self.keys) != 2:
             raise ValueError(f"LoadPatchd needs keys (image, label), got {self.keys}")
         if pos < 0 or neg < 0 or pos + neg <= 0:
-            raise ValueError(f"pos and neg must be non-negative and not both zero, got {pos} and {neg}")
+            raise UsageError(
+                f"pos and neg (train.json's foreground_crops and random_crops) must be non-negative and not both zero,"
+                f" got {pos} and {neg}"
+            )
         self.patch_size = tuple(int(p) for p in patch_size)
         self.pos_ratio = float(pos) / float(pos + neg)
         self.locations_key = locations_key
