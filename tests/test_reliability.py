@@ -198,21 +198,76 @@ def test_other_commands_share_the_one_line_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("convert_official_checkpoint: error: ") and "cut.pth" in err[0]
     assert not (tmp_path / "m.pt").exists()
     with pytest.raises(SystemExit) as info:
-        prepare_main_with(prepare_main, ["--root", str(tmp_path / "no_root"), "--tasks", "livr"])
+        prepare_main(["--root", str(tmp_path / "no_root"), "--tasks", "livr"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("dodnet-prepare-mots: error: ")
 
 
-def prepare_main_with(main, argv):
-    import sys as _sys
+# (module:entry point, its name in messages, a misspelled flag, the suggestion, the other arguments)
+COMMANDS = [
+    ("scripts.demo:main", "dodnet-demo", "--epoch", "--epochs", ["--output_dir", "{tmp}/out"]),
+    (
+        "scripts.inference.cli:segment_main",
+        "dodnet-segment",
+        "--save_mask",
+        "--save_masks",
+        ["{tmp}/in.nii.gz", "{tmp}/out"],
+    ),
+    ("scripts.evaluation.folders:main", "dodnet-evaluate", "--mappings", "--mapping", ["{tmp}", "{tmp}", "{tmp}/out"]),
+    ("scripts.data.preprocess:main", "dodnet-preprocess", "--worker", "--workers", ["{tmp}/d.json", "{tmp}/out"]),
+    ("scripts.data.prepare_mots:main", "dodnet-prepare-mots", "--rot", "--root", ["--output", "{tmp}/out/d.json"]),
+    (
+        "scripts.networks.convert_official_checkpoint:main",
+        "convert_official_checkpoint",
+        "--dest",
+        "--dst",
+        ["--src", "x"],
+    ),
+]
 
-    saved = _sys.argv
-    _sys.argv = ["dodnet-prepare-mots", *argv]
-    try:
-        main()
-    finally:
-        _sys.argv = saved
+
+def _entry_point(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("module, prog, typo, suggestion, rest", COMMANDS, ids=[c[1] for c in COMMANDS])
+def test_every_command_refuses_a_misspelled_flag_before_it_starts(
+    tmp_path, capsys, module, prog, typo, suggestion, rest
+):
+    """fire alone would run the whole job and complain about the flag afterwards (or ignore it)."""
+    main = _entry_point(module)
+    args = [a.format(tmp=tmp_path) for a in rest] + [typo, "1"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: unknown option {typo} "), err
+    assert f"did you mean {suggestion}" in err[0]
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("module, prog, typo, suggestion, rest", COMMANDS, ids=[c[1] for c in COMMANDS])
+def test_every_command_has_help_with_its_flags(capfd, module, prog, typo, suggestion, rest):
+    with pytest.raises(SystemExit) as info:
+        _entry_point(module)(["--help"])
+    assert info.value.code == 0
+    captured = capfd.readouterr()
+    out = captured.out + captured.err  # fire writes it to stderr when not on a terminal
+    assert f"NAME\n    {prog}" in out and suggestion in out
+
+
+def test_a_missing_argument_is_one_line_naming_it(tmp_path, capsys):
+    from scripts.evaluation.folders import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dodnet-evaluate: error: ") and "'reference_dir'" in err[0], err
 
 
 def test_threads_default_to_the_affinity_share_and_are_applied_by_the_configs():

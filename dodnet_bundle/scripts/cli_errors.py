@@ -14,12 +14,14 @@ an error that nothing catches (``DODNET_DEBUG=1`` keeps MONAI's traceback).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "USAGE_EXIT",
@@ -33,6 +35,7 @@ __all__ = [
     "config_ids",
     "check_overrides",
     "run_cli",
+    "fire_call",
     "install_excepthook",
 ]
 
@@ -200,6 +203,60 @@ def run_cli(
         raise SystemExit(found[1]) from None
     if isinstance(code, int) and not isinstance(code, bool) and code:
         raise SystemExit(code)
+
+
+def fire_call(prog: str, fn: Callable[..., Any], args: Sequence[str]) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """Call ``fn`` with the command line ``args`` as parsed by ``fire``; a misspelled flag fails before ``fn`` runs.
+
+    ``fire`` alone calls a function first and complains about a flag that the function does not take only
+    afterwards, so a typo (``--epoch 3``) would cost a whole run. Here such a flag, a surplus positional
+    argument or a missing one is a ``UsageError`` naming it (with the closest flags) before ``fn`` starts.
+    ``-h``/``--help`` shows ``fn``'s arguments and docstring (exit 0). ``--noflag`` sets a boolean ``flag`` to
+    False, as in ``fire``. A function with ``**kwargs`` receives any further flag and checks it itself.
+
+    Args:
+        prog: the command's name (help and messages).
+        fn: the command's function; its signature defines the flags.
+        args: the command line arguments.
+
+    Returns:
+        ``(fn's result, the bound arguments including defaults)``, or None after ``--help``.
+    """
+    import fire
+
+    args = list(args)
+    if any(a in ("-h", "--help") for a in args) and "--" not in args:
+
+        @functools.wraps(fn)  # fire shows fn's signature and docstring
+        def shown(*_: Any, **__: Any) -> None:
+            return None
+
+        fire.Fire(shown, command=["--", "--help"], name=prog)
+        return None
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    any_flag = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    outcome: Dict[str, Any] = {}
+
+    def call(*positional: Any, **flags: Any) -> None:  # fire hands every flag over; checked against fn's signature
+        for key in list(flags):
+            if key not in params and key.startswith("no") and key[2:] in params and flags[key] is True:
+                flags[key[2:]] = not flags.pop(key)
+        unknown = [k for k in flags if k not in params] if not any_flag else []
+        if unknown:
+            suggestion = closest(f"--{unknown[0]}", [f"--{n}" for n in named])
+            raise UsageError(f"unknown option --{unknown[0]}{suggestion}; see {prog} --help")
+        try:
+            bound = signature.bind(*positional, **flags)
+        except TypeError as error:  # too many positional arguments, a missing one, a flag given twice
+            raise UsageError(f"{error}; see {prog} --help") from None
+        bound.apply_defaults()
+        outcome["result"] = fn(*positional, **flags)
+        outcome["arguments"] = dict(bound.arguments)
+
+    fire.Fire(call, command=args, name=prog)
+    return outcome["result"], outcome["arguments"]
 
 
 def install_excepthook(prog: str = "monai.bundle run") -> None:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from scripts.cli_errors import UsageError, fire_call, run_cli
 from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
 from scripts.inference.postprocessing import TaskPostProcessd
 from scripts.networks.acceleration import cpu_name
@@ -119,7 +120,7 @@ DEMO_DEFAULTS: Dict[str, Any] = {flag: _raw_value(_demo_json(), cid) for flag, c
 """The demo's settings as demo.json gives them, by ``dodnet-demo`` flag."""
 
 
-class DemoFlagError(ValueError):
+class DemoFlagError(UsageError):
     """A ``dodnet-demo`` flag with a value the demo cannot use (``main`` prints it as one line)."""
 
 
@@ -727,19 +728,12 @@ def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point ``dodnet-demo`` (fire flags: ``--output_dir``, ``--epochs``, ``--num_per_task`` ...)."""
-    import fire
+    """Console entry point ``dodnet-demo``: ``run_demo``'s arguments as flags (``--output_dir``, ``--epochs`` ...).
 
+    ``--help`` lists them; an unknown flag or a bad value ends in one line and exit 2 before any work starts.
+    """
     warnings.filterwarnings("ignore", message="builtin type swig", category=DeprecationWarning)  # SWIG at exit
-
-    def demo(**kwargs: Any) -> None:
-        try:
-            run_demo(**kwargs)
-        except DemoFlagError as error:  # checked before any work starts
-            print(f"dodnet-demo: error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    fire.Fire(demo, command=list(sys.argv[1:] if argv is None else argv), name="dodnet-demo")
+    run_cli("dodnet-demo", lambda args: fire_call("dodnet-demo", run_demo, args), argv)
 
 
 if __name__ == "__main__":

@@ -343,14 +343,17 @@ def prepare_mots(
     return str(out_path)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``dodnet-prepare-mots`` (fire): ``dodnet-prepare-mots --root DIR [--split ratio]``."""
-    import fire
+    from scripts.cli_errors import fire_call, run_cli
 
-    from scripts.cli_errors import run_cli
+    def cli(args: List[str]) -> None:
+        called = fire_call("dodnet-prepare-mots", prepare_mots, args)
+        if called is not None:
+            print(called[0])  # the datalist's path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_cli("dodnet-prepare-mots", lambda args: fire.Fire(prepare_mots, command=args, name="dodnet-prepare-mots"))
+    run_cli("dodnet-prepare-mots", cli, argv)
 
 
 if __name__ == "__main__":

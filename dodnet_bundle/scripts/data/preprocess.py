@@ -26,7 +26,6 @@ parameters is refused. An unreadable or corrupt case is reported by file name an
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -407,10 +406,14 @@ def preprocess_datalist(
     return out_path, failures
 
 
-@functools.wraps(preprocess_datalist)  # fire shows preprocess_datalist's arguments and docstring
-def preprocess_cli(*args: Any, **kwargs: Any) -> int:
+def preprocess_cli(args: List[str]) -> int:
     """``dodnet-preprocess DATALIST OUTPUT_DIR [--workers N]``: returns 1 when some cases failed (listed on stderr)."""
-    path, failures = preprocess_datalist(*args, **kwargs)
+    from scripts.cli_errors import fire_call
+
+    called = fire_call("dodnet-preprocess", preprocess_datalist, args)
+    if called is None:  # --help
+        return 0
+    path, failures = called[0]
     if failures:
         print(f"dodnet-preprocess: {len(failures)} case(s) failed and were skipped:", file=sys.stderr)
         for line in failures:
@@ -423,20 +426,13 @@ def preprocess_cli(*args: Any, **kwargs: Any) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``dodnet-preprocess`` (fire); exit status 0 ok, 1 failed cases, 2 usage errors (one line;
     ``--debug`` shows tracebacks and stops at the first failing case)."""
-    import fire
-
     from scripts.cli_errors import USAGE_EXIT, run_cli
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_cli(
         "dodnet-preprocess",
-        lambda args: fire.Fire(
-            preprocess_cli,
-            command=args + (["--debug"] if debug else []),
-            name="dodnet-preprocess",
-            serialize=lambda _: None,  # the exit status is the result, nothing to print
-        ),
+        lambda args: preprocess_cli(args + (["--debug"] if debug else [])),
         argv,
         extra=((PreprocessError, USAGE_EXIT),),  # this module's class, also when run with python -m
     )

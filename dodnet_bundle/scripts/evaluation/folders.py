@@ -48,7 +48,6 @@ It writes ``OUTPUT_DIR/metrics.csv`` (one row per case x structure) and ``OUTPUT
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import sys
@@ -444,28 +443,29 @@ def _format_table(summary: Mapping[str, Any]) -> str:
 
 
 @functools.wraps(evaluate_folders)  # fire shows evaluate_folders' arguments and docstring
-def _cli(*args: Any, **kwargs: Any) -> None:
-    summary = evaluate_folders(*args, **kwargs)
-    output_dir = inspect.signature(evaluate_folders).bind(*args, **kwargs).arguments["output_dir"]
+def _cli(args: List[str]) -> Optional[int]:
+    from scripts.cli_errors import fire_call
+
+    called = fire_call("dodnet-evaluate", evaluate_folders, args)
+    if called is None:  # --help
+        return None
+    summary, output_dir = called[0], called[1]["output_dir"]
     print(_format_table(summary))
     print(f"{summary['cases_evaluated']}/{summary['cases']} case(s) evaluated; results in {output_dir}")
     for f in summary["failed"]:
         print(f"FAILED {f['case']}: {f['error']}", file=sys.stderr)
-    if summary["failed"]:
-        raise SystemExit(1)
+    return 1 if summary["failed"] else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point (fire); exits 1 when any case failed, 2 on a usage/input error (one line; the
     traceback with ``--debug``)."""
-    import fire
-
     from scripts.cli_errors import USAGE_EXIT, run_cli
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     run_cli(
         "dodnet-evaluate",
-        lambda args: fire.Fire(_cli, command=args, name="dodnet-evaluate"),
+        _cli,
         argv,
         extra=((ValueError, USAGE_EXIT), (FileNotFoundError, USAGE_EXIT)),
     )

@@ -12,7 +12,6 @@ It prints a summary of successes and failures and exits with status 1 if any cas
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 from pathlib import Path
@@ -167,22 +166,14 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _segment_cli(args: List[str]) -> Optional[int]:
-    import fire
+    from scripts.cli_errors import fire_call
 
-    if any(a in ("-h", "--help") for a in args) and "--" not in args:
-        args = [a for a in args if a not in ("-h", "--help")] + ["--", "--help"]  # fire's help flag, exit 0
-    holder: Dict[str, Any] = {}
-
-    @functools.wraps(segment)  # fire shows segment's arguments and docstring
-    def command(*args, **kwargs):
-        holder["output_dir"] = inspect.signature(segment).bind(*args, **kwargs).arguments["output_dir"]
-        holder["summary"] = segment(*args, **kwargs)
-
-    fire.Fire(command, command=args, name="dodnet-segment")
-    if "summary" not in holder:  # --help
+    called = fire_call("dodnet-segment", segment, args)
+    if called is None:  # --help
         return None
-    _print_summary(holder["summary"], holder["output_dir"])
-    return 1 if holder["summary"]["failed"] else None
+    summary, arguments = called
+    _print_summary(summary, arguments["output_dir"])
+    return 1 if summary["failed"] else None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,10 +76,11 @@ def export_onnx(
     return str(out)
 
 
-def main() -> None:
-    import fire
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m scripts.inference.export --ckpt FILE --out FILE ...``: ``export_onnx``'s arguments as flags."""
+    from scripts.cli_errors import fire_call, run_cli
 
-    fire.Fire(export_onnx)
+    run_cli("export", lambda args: fire_call("export", export_onnx, args), argv)
 
 
 if __name__ == "__main__":

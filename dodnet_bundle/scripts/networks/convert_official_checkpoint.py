@@ -204,13 +204,11 @@ def convert(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m scripts.networks.convert_official_checkpoint --src FILE [--dst FILE]``: exit 2 with one line
     for a missing, truncated or mismatched checkpoint or an existing ``dst`` (the traceback with ``--debug``)."""
-    import fire
-
-    from scripts.cli_errors import USAGE_EXIT, run_cli
+    from scripts.cli_errors import USAGE_EXIT, fire_call, run_cli
 
     run_cli(
         "convert_official_checkpoint",
-        lambda args: fire.Fire(convert, command=args, name="convert_official_checkpoint"),
+        lambda args: fire_call("convert_official_checkpoint", convert, args),
         argv,
         extra=((FileExistsError, USAGE_EXIT),),
     )
