@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -199,24 +200,41 @@ def test_compile_network_rejects_torchscript():
 
 
 @pytest.mark.parametrize(
-    "flags, expected",
+    "flags, onednn, expected",
     [
-        ({"avx512f", "avx512_bf16"}, "bf16"),
-        ({"amx_bf16", "amx_tile"}, "bf16"),
-        ({"avx512f", "avx2"}, "fp32"),
-        (set(), "fp32"),
+        ({"avx512f", "avx512_bf16"}, True, "bf16"),
+        ({"amx_bf16", "amx_tile"}, True, "bf16"),
+        ({"avx512f", "avx2"}, True, "fp32"),
+        (set(), True, "fp32"),
+        ({"avx512f", "avx512_bf16"}, False, "fp32"),
     ],
-    ids=["avx512-bf16", "amx", "avx512-without-bf16", "unknown-cpu"],
+    ids=["avx512-bf16", "amx", "avx512-without-bf16", "unknown-cpu", "onednn-capped"],
 )
-def test_auto_precision_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, expected):
+def test_auto_precision_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, onednn, expected):
     from scripts.networks import acceleration
 
     monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(acceleration, "onednn_runs_bf16", lambda: onednn)
     assert acceleration.resolve_precision("auto", "cpu") == expected
     assert acceleration.resolve_precision("fp32", "cpu") == "fp32"
     with acceleration.autocast("cpu", "auto"):
         y = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
     assert y.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_auto_precision_is_fp32_where_onednn_is_capped_below_avx512():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 (a 64 x 64 x 32 demo case took 12 s instead of 1)."""
+    import subprocess
+    import sys
+
+    from helpers.paths import BUNDLE_ROOT
+
+    code = "from scripts.networks.acceleration import resolve_precision; print(resolve_precision('auto', 'cpu'))"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "fp32"
 
 
 def test_cpu_flags_are_read_from_cpuinfo():

@@ -29,6 +29,7 @@ __all__ = [
     "cpu_flags",
     "cpu_name",
     "cpu_has_native_bf16",
+    "onednn_runs_bf16",
     "resolve_precision",
     "autocast",
     "to_channels_last",
@@ -65,9 +66,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def onednn_runs_bf16() -> bool:
+    """Whether oneDNN will use its AVX-512 bf16 kernels in this process: False without oneDNN or where
+    ``ONEDNN_MAX_CPU_ISA`` caps it below AVX-512 (bf16 is then emulated, several times slower than fp32)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None:  # a PyTorch without the query: the CPU flags decide
+        return True
+    try:
+        return bool(torch.backends.mkldnn.is_available() and check())
+    except RuntimeError:
+        return False
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has AVX-512 BF16 or AMX-BF16 (``NATIVE_BF16_CPU_FLAGS``)."""
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+    """Whether this CPU has AVX-512 BF16 or AMX-BF16 (``NATIVE_BF16_CPU_FLAGS``) and oneDNN may use them."""
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS) and onednn_runs_bf16()
 
 
 def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
