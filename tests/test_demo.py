@@ -190,6 +190,7 @@ def test_tiny_demo_run_is_quiet_and_logs_to_a_file(tmp_path: Path, capsys: pytes
     for step in ("generate", "train", "evaluate"):
         assert f"{step}:" in err  # one progress bar per step
     assert "Epoch [1/1]" not in err  # Ignite's per-epoch bar is replaced by the demo's
+    assert "Loading dataset" not in err  # nor are CacheDataset's bars shown
     assert result["settings"]["epochs"] == 1 and result["settings"]["base_channels"] == 4
     assert set(result["times_s"]) == {"generate", "train", "evaluate", "infer", "total"}
     assert result["log"] == "demo.log" and 0.0 <= result["tumor_mean_dice"] <= 1.0

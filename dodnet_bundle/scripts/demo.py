@@ -522,6 +522,8 @@ _QUIET_TRAIN = {
     "train#trainer#train_handlers": (
         "$[h for h in @train#handlers if h is not None and not isinstance(h, ignite.handlers.ProgressBar)]"
     ),
+    "train#dataset#progress": False,  # CacheDataset's "Loading dataset" bars: caching is part of the train step
+    "validate#dataset#progress": False,
 }
 _QUIET_EVAL = {
     "validate#evaluator#val_handlers": (
