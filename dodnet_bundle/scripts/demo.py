@@ -734,7 +734,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     ``--help`` lists them; an unknown flag or a bad value ends in one line and exit 2 before any work starts.
     """
-    warnings.filterwarnings("ignore", message="builtin type swig", category=DeprecationWarning)  # SWIG at exit
     run_cli("dodnet-demo", lambda args: fire_call("dodnet-demo", run_demo, args), argv)
 
 
