@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from scripts import ignore_library_noise
 from scripts.cli_errors import UsageError, fire_call, run_cli
 from scripts.data.synth import SYNTH_VERSION, ensure_mots_synth
 from scripts.inference.postprocessing import TaskPostProcessd
@@ -287,6 +288,7 @@ def _log_to_file(path: Path) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            ignore_library_noise()  # after "default", which would let ITK's and nvImageCodec's warnings through
             yield
     finally:
         logging.captureWarnings(False)
