@@ -227,6 +227,25 @@ COMMANDS = [
 ]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["x", "--tta", "--no_postprocess", "--noinfer"],
+        ["x", "--noinfer", "--tta", "--no_postprocess"],
+        ["x", "--tta=True", "--no_postprocess=True", "--infer=False"],
+    ],
+)
+def test_flags_of_every_command_parse_as_fire_parses_them(args):
+    """fire_call hands fire a (*args, **kwargs) function; bare boolean flags still mean what they say."""
+    from scripts.cli_errors import fire_call
+
+    def command(a, tta=False, no_postprocess=False, infer=True):
+        return {"a": a, "tta": tta, "no_postprocess": no_postprocess, "infer": infer}
+
+    result, arguments = fire_call("prog", command, args)
+    assert result == {"a": "x", "tta": True, "no_postprocess": True, "infer": False} == arguments
+
+
 def _entry_point(spec: str):
     import importlib
 

@@ -152,12 +152,34 @@ def _get(config: Any, id: str) -> Any:
     return config
 
 
+def _component_parameters(component: Mapping[str, Any]) -> Optional[List[str]]:
+    """The argument names the ``_target_`` of a config component takes; None where it takes ``**kwargs`` or
+    cannot be resolved here (then its constructor checks them when the config is built)."""
+    target = component.get("_target_")
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return None
+    try:
+        from pydoc import locate
+
+        if "." not in target:  # a short MONAI name ("CacheDataset"): MONAI's own lookup
+            from monai.bundle.config_item import ComponentLocator
+
+            module = ComponentLocator().get_component_module_name(target)
+            target = f"{module[0] if isinstance(module, list) else module}.{target}" if module else target
+        params = inspect.signature(locate(target)).parameters  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - unresolvable here: left to the constructor
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
+
+
 def check_overrides(config: Mapping[str, Any], overrides: Iterable[str], options: Iterable[str] = ()) -> None:
     """Refuse override ids that name nothing in ``config`` (a misspelled option must not be ignored silently).
 
     Args:
         config: the parsed config (``ConfigParser.config`` or the JSON content); a new argument of a component
-            (``network_def#norm_groups``) is accepted, its constructor checks it.
+            (``network_def#norm_groups``) is accepted when the component's ``_target_`` takes it.
         overrides: the ids given (``precision``, ``network_def#base_channels``...).
         options: further valid names (a command's own flags), offered in the suggestions.
 
@@ -167,10 +189,17 @@ def check_overrides(config: Mapping[str, Any], overrides: Iterable[str], options
     known = set(config_ids(config))
     components = {i for i in known if isinstance(_get(config, i), Mapping) and "_target_" in _get(config, i)}
     for name in overrides:
-        parent = name.rsplit("#", 1)[0] if "#" in name else None
-        if name not in known and parent not in components:  # a component's new argument is checked when built
-            flags = [f"--{o}" for o in (*options, *known)]
-            raise UsageError(f"unknown option --{name}{closest('--' + name, flags)}; see --help for the options")
+        if name in known:
+            continue
+        parent, _, arg = name.rpartition("#")
+        if parent in components:  # a new argument of a component: known when its target takes it
+            takes = _component_parameters(_get(config, parent))
+            if takes is None or arg in takes:
+                continue
+            suggestion = closest(f"--{parent}#{arg}", [f"--{parent}#{t}" for t in takes])
+            raise UsageError(f"unknown option --{name}{suggestion}: {_get(config, parent)['_target_']} takes no {arg}")
+        flags = [f"--{o}" for o in (*options, *known)]
+        raise UsageError(f"unknown option --{name}{closest('--' + name, flags)}; see --help for the options")
 
 
 def run_cli(
@@ -241,7 +270,11 @@ def fire_call(prog: str, fn: Callable[..., Any], args: Sequence[str]) -> Optiona
 
     def call(*positional: Any, **flags: Any) -> None:  # fire hands every flag over; checked against fn's signature
         for key in list(flags):
-            if key not in params and key.startswith("no") and key[2:] in params and flags[key] is True:
+            if key in params:
+                continue
+            if f"no{key}" in params and flags[key] is False:  # fire reads a bare --no_postprocess as _postprocess=False
+                flags[f"no{key}"] = not flags.pop(key)
+            elif key.startswith("no") and key[2:] in params and flags[key] is True:  # --noflag=True
                 flags[key[2:]] = not flags.pop(key)
         unknown = [k for k in flags if k not in params] if not any_flag else []
         if unknown:
