@@ -204,3 +204,18 @@ def test_tiny_demo_run_is_quiet_and_logs_to_a_file(tmp_path: Path, capsys: pytes
     rows = lesion_report(tmp_path / "demo", ["liver"])
     assert [row["case"] for row in rows] == ["liver_test_000.nii.gz"] and 0.0 <= rows[0]["dice"] <= 1.0
     assert rows[0]["lesions"] and all(lesion["voxels"] > 0 for lesion in rows[0]["lesions"])
+
+    # the trained network for dodnet-segment: the args file the demo wrote, the same maps as the demo's inference
+    from scripts.demo import INFERENCE_ARGS
+    from scripts.inference.cli import segment
+
+    assert f"--args_file {tmp_path / 'demo' / INFERENCE_ARGS}" in out
+    image = tmp_path / "demo" / result["datalist"]
+    image = image.parent / json.loads(image.read_text())["test"][0]["image"]
+    summary = segment(
+        str(image), str(tmp_path / "seg"), args_file=str(tmp_path / "demo" / INFERENCE_ARGS), progress=False
+    )
+    assert not summary["failed"]
+    ours = nib.load(str(tmp_path / "seg" / f"{image.name[:-7]}_seg.nii.gz")).get_fdata()
+    demos = nib.load(result["held_out"]["label_map"]).get_fdata()
+    assert ours.shape == demos.shape and (ours == demos).all()

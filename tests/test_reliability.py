@@ -136,6 +136,23 @@ def test_unknown_and_duplicate_tasks_and_misspelled_options_are_refused(tmp_path
     assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()
 
 
+def test_a_bad_args_file_is_one_line_naming_it(tmp_path, ct, capsys):
+    ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "typo.json").write_text('{"network_def#base_chanels": 4}')
+    (tmp_path / "broken.json").write_text('{"patch_size": [')
+    for name, expected in (
+        ("missing.json", "no such file"),
+        ("list.json", "expected a mapping of config ids to values"),
+        ("broken.json", "cannot read it as JSON or YAML"),
+        ("typo.json", "unknown option --network_def#base_chanels"),
+    ):
+        code, err = _segment([ct, tmp_path / "out", "--ckpt", ckpt, "--args_file", tmp_path / name], capsys)
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+        assert name in err[0] or "unknown option" in err[0]
+    assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()
+
+
 def test_output_location_is_checked_before_the_first_case(tmp_path, ct, capsys):
     ckpt = save_checkpoint(tiny_dodnet(), tmp_path / "model.pt")
     (tmp_path / "taken").write_text("a file where the output folder should be")

@@ -58,6 +58,7 @@ __all__ = [
     "DEMO_DEFAULTS",
     "FLAG_IDS",
     "DemoFlagError",
+    "INFERENCE_ARGS",
     "RuleTaskPostProcessd",
     "demo_inference_overrides",
     "demo_overrides",
@@ -101,6 +102,9 @@ FLAG_IDS: Dict[str, str] = {
 
 NETWORK_IDS = ("patch_size", "pixdim") + tuple(i for i in FLAG_IDS.values() if i.startswith("network_def#"))
 """The ids inference.json needs from demo.json: the window, the voxel spacing of training, the network."""
+INFERENCE_ARGS = "demo_inference.json"
+"""Written into the output folder after training: inference.json's overrides for the trained network, its weights
+and the demo's post-processing (``dodnet-segment --args_file``, ``monai.bundle run --args_file``)."""
 
 
 def _demo_json() -> Dict[str, Any]:
@@ -633,6 +637,7 @@ def run_demo(
     result["log"] = log_path.name
     write_json_atomic(result, out / "demo_result.json")
     print("\n" + format_table(result["summary"], result["held_out"]))
+    print(f"segment a scan with this network: dodnet-segment CT OUTPUT_DIR --args_file {out / INFERENCE_ARGS}")
     times = result["times_s"]
     print(
         "time: "
@@ -675,6 +680,9 @@ def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bo
         lambda wf: _attach_train_progress(wf, settings),
     )
     times["train"] = time.time() - t0
+    network_overrides = demo_inference_overrides(ckpt_dir / "model.pt", overrides)
+    # the trained network for dodnet-segment --args_file and monai.bundle run --args_file (bundle_root: theirs)
+    write_json_atomic({k: v for k, v in network_overrides.items() if k != "bundle_root"}, out / INFERENCE_ARGS)
 
     print("[3/4] evaluating the test split with configs/train.json + evaluate.json + demo.json", flush=True)
     t0 = time.time()
@@ -695,7 +703,7 @@ def _run(out: Path, overrides: Dict[str, Any], threads: Optional[int], fresh: bo
         print(f"[4/4] inference with configs/inference.json on held-out {image.name} (all tasks)", flush=True)
         t0 = time.time()
         infer_overrides = {
-            **demo_inference_overrides(ckpt_dir / "model.pt", overrides),
+            **network_overrides,
             "input": str(image),
             "output_dir": str(infer_dir),
             "progress": True,

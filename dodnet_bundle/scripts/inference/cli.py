@@ -47,6 +47,7 @@ def segment(
     progress: bool = True,
     threads: Optional[int] = None,
     config_file: Optional[str] = None,
+    args_file: Optional[str] = None,
     **overrides: Any,
 ) -> Dict[str, Any]:
     """Segment every case of ``input`` into ``output_dir`` with the bundle's inference config.
@@ -71,6 +72,9 @@ def segment(
         progress: progress bar over cases.
         threads: CPU threads of torch and ITK (default: the CPUs this process may run on, at most).
         config_file: another inference config (default: the bundle's ``configs/inference.json``).
+        args_file: a JSON or YAML file of config ids and values, as ``monai.bundle run --args_file`` takes
+            (the demo writes one for its network and weights: ``demo_output/demo_inference.json``); the command
+            line's options and ids take precedence.
         overrides: any further config id, e.g. ``--patch_size "[96,96,64]"`` or ``--network_def#base_channels 8``;
             a name that is neither an option nor an id of the config is refused with the closest valid names.
 
@@ -88,6 +92,8 @@ def segment(
 
     root = BUNDLE_ROOT
     config_path = str(config_file or root / "configs" / "inference.json")
+    if args_file is not None:
+        overrides = {**_read_args_file(args_file), **overrides}
     check_overrides(ConfigParser.load_config_files(config_path), overrides, inspect.signature(segment).parameters)
     names = [t.name for t in resolve_tasks(_as_list(tasks) if str(tasks).strip().lower() != "all" else "all")]
     inputs = _as_list(input)
@@ -132,6 +138,23 @@ def segment(
     summary = workflow.run()[-1]  # the last run step is the runner; the first installs the error hook
     workflow.finalize()
     return summary
+
+
+def _read_args_file(path: str) -> Dict[str, Any]:
+    """The config ids and values of an ``args_file`` (JSON or YAML), checked to be a mapping."""
+    from monai.bundle import ConfigParser
+
+    from scripts.cli_errors import UsageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"--args_file {path}: no such file")
+    try:
+        content = ConfigParser.load_config_file(path)
+    except Exception as e:  # noqa: BLE001 - any parse error is the file's
+        raise UsageError(f"--args_file {path}: cannot read it as JSON or YAML ({e})") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"--args_file {path}: expected a mapping of config ids to values")
+    return dict(content)
 
 
 def _print_summary(summary: Dict[str, Any], output_dir: str) -> None:
